@@ -151,13 +151,13 @@ class PadGuard(Callback):
         self.mode,self.extra_idxs = mode,check_extra_idxs(extra_idxs)
         self._ps = None
 
-    def resolve(self)->tuple:
+    def resolve(self, check_loss:bool=True)->tuple:
         "`(pad_idx, rows, [(names, param)])` for the learner's current model and data; raises if they disagree"
         vocab,model = learn_vocab(self.learn),self.learn.model
         pad = find_pad_idx(self.pad_idx, vocab, model)
         rows = guarded_rows(pad, self.extra_idxs, vocab)
         lpad = getattr(self.learn.loss_func, 'pad_idx', None)
-        if lpad is not None and lpad != pad:
+        if check_loss and lpad is not None and lpad != pad:
             raise ValueError(f"The loss ignores pad index {lpad} but the guard's pad index is {pad}; "
                              f"build the loss with PadCrossEntropyLossFlat({pad}) or call learn.padguard(loss=True)")
         return pad, rows, guarded_params(model, pad, rows, vocab)

@@ -1,0 +1,144 @@
+"PadGuard and Learner.padguard on real fastai training (issue: core)"
+import pickle, sys
+import torch, pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+from fastai.text.all import *
+from fastai_padguard.all import *
+from conftest import guarded_rows_of
+
+def test_zero_mode_tied_awd_lstm_fit_one_cycle(lm, lm_dls):
+    learn = lm(wd=0.1, cbs=PadGuard())
+    enc, dec = learn.model[0].encoder, learn.model[1].decoder
+    assert dec.weight is enc.weight
+    seen = []
+    class Check(Callback):
+        order = 99
+        def after_step(self):
+            seen.append(torch.equal(enc.weight[1], torch.zeros_like(enc.weight[1])) and dec.bias[1].item()==0)
+    learn.fit_one_cycle(2, 1e-2, cbs=Check())
+    assert len(seen) == 2*len(lm_dls.train) and all(seen)
+    assert not torch.equal(enc.weight[2], torch.zeros_like(enc.weight[2]))
+
+def test_freeze_mode_keeps_values_bitwise(lm):
+    learn = lm(wd=0.1, cbs=PadGuard(mode='freeze', extra_idxs='fake'))
+    w = learn.model[0].encoder.weight
+    rows = guarded_rows_of(learn.dls.vocab)
+    before, other = w.detach()[rows].clone(), w.detach()[5].clone()
+    assert not torch.equal(before, torch.zeros_like(before))
+    learn.fit_one_cycle(1, 1e-2)
+    assert torch.equal(w.detach()[rows], before)
+    assert torch.equal(learn.model[1].decoder.bias.detach()[rows], torch.zeros(len(rows)))  # fastai inits the bias at 0
+    assert not torch.equal(w.detach()[5], other)
+
+def test_fake_rows_guarded_and_unguarded_move(lm):
+    learn = lm(wd=0.1)
+    w = learn.model[0].encoder.weight
+    fake = [i for i,t in enumerate(learn.dls.vocab) if t=='xxfake']
+    assert len(fake) == 3
+    with torch.no_grad(): w[fake] = 0
+    learn.fit(1, 1e-2)
+    assert w.detach()[fake].abs().max() > 0, "plain fastai moves the xxfake rows"
+    learn = lm(wd=0.1, cbs=PadGuard(extra_idxs='fake'))
+    learn.fit(1, 1e-2)
+    assert torch.equal(learn.model[0].encoder.weight.detach()[fake], torch.zeros(3, w.shape[1]))
+
+class TiedLM(nn.Module):
+    "A plain PyTorch tied language model: embedding, GRU, linear decoder sharing the embedding's weight"
+    def __init__(self, n, d=16, padding_idx=None):
+        super().__init__()
+        self.emb = nn.Embedding(n, d, padding_idx=padding_idx)
+        self.rnn = nn.GRU(d, d, batch_first=True)
+        self.out = nn.Linear(d, n)
+        self.out.weight = self.emb.weight
+    def forward(self, x): return self.out(self.rnn(self.emb(x))[0])
+
+def test_plain_pytorch_tied_model(lm_dls):
+    n = len(lm_dls.vocab)
+    learn = Learner(lm_dls, TiedLM(n), loss_func=CrossEntropyLossFlat(), cbs=[], wd=0.1).padguard()
+    learn.remove_cb(ProgressCallback); learn.logger = noop
+    assert isinstance(learn.loss_func, PadCrossEntropyLossFlat)
+    assert list(learn.pad_guard.guarded) == ['emb.weight = out.weight', 'out.bias']
+    learn.fit_one_cycle(1, 1e-2)
+    rows = guarded_rows_of(lm_dls.vocab)
+    assert torch.equal(learn.model.emb.weight.detach()[rows], torch.zeros(len(rows), 16))
+    assert torch.equal(learn.model.out.bias.detach()[rows], torch.zeros(len(rows)))
+
+def test_plain_model_without_vocab_uses_padding_idx():
+    x = torch.randint(1, 10, (64, 8))
+    dls = DataLoaders.from_dsets(list(zip(x, x)), list(zip(x[:16], x[:16])), bs=16)
+    learn = Learner(dls, TiedLM(10, padding_idx=0), loss_func=CrossEntropyLossFlat()).padguard()
+    learn.remove_cb(ProgressCallback); learn.logger = noop
+    assert learn.loss_func.rows == (0,)
+    learn.fit(1, 1e-2)
+    assert torch.equal(learn.model.emb.weight.detach()[0], torch.zeros(16))
+
+def test_mismatch_error_names_both_numbers(lm_dls):
+    learn = language_model_learner(lm_dls, AWD_LSTM, config=small_lm_config(pad_token=0), pretrained=False)
+    with pytest.raises(ValueError, match=r"pad index is 1 but embedding '0.encoder' was built with padding_idx=0"):
+        learn.padguard()
+    with pytest.raises(ValueError, match="pad_idx=0 but the vocab's 'xxpad' is at index 1"):
+        learn.padguard(pad_idx=0)
+    assert not any(isinstance(c, PadGuard) for c in learn.cbs)
+
+def test_padguard_twice_replaces(lm):
+    learn = lm().padguard().padguard(mode='freeze')
+    guards = [c for c in learn.cbs if isinstance(c, PadGuard)]
+    assert len(guards) == 1 and learn.pad_guard is guards[0] and guards[0].mode == 'freeze'
+    assert isinstance(learn.loss_func, PadCrossEntropyLossFlat)
+
+def test_export_load_learner_with_guard(lm, tmp_path):
+    learn = lm(wd=0.1, path=tmp_path).padguard()
+    learn.fit(1, 1e-2)
+    learn.export('lm.pkl')
+    learn2 = load_learner(tmp_path/'lm.pkl')
+    assert isinstance(learn2.pad_guard, PadGuard) and isinstance(learn2.loss_func, PadCrossEntropyLossFlat)
+    learn2.dls = learn.dls
+    learn2.remove_cb(ProgressCallback); learn2.logger = noop
+    learn2.fit(1, 1e-2)
+    w = learn2.model[0].encoder.weight.detach()
+    rows = guarded_rows_of(learn.dls.vocab)
+    assert torch.equal(w[rows], torch.zeros(len(rows), w.shape[1]))
+    assert learn2.model[1].decoder.weight is learn2.model[0].encoder.weight
+
+def test_finds_targets_again_after_model_replaced(lm):
+    learn = lm(wd=0.1).padguard()
+    learn.fit(1, 1e-2)
+    learn.model = get_language_model(AWD_LSTM, len(learn.dls.vocab), config=small_lm_config())
+    learn.fit(1, 1e-2)
+    assert torch.equal(learn.model[0].encoder.weight.detach()[1], torch.zeros(32))
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self): super().__init__(); self.ops = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+SYNC_OPS = {'_local_scalar_dense', 'nonzero', 'masked_select', 'item'}
+
+def test_no_host_device_sync_in_hot_path(lm):
+    "The guard's per-batch events and the loss's forward and backward record no op that syncs host and device"
+    learn = lm(wd=0.1).padguard()
+    learn.fit(1, 1e-2)  # builds once-per-fit state
+    guard, lf = learn.pad_guard, learn.loss_func
+    guard.before_fit()
+    x = torch.randn(4, 16, len(learn.dls.vocab), requires_grad=True)
+    t = torch.randint(0, len(learn.dls.vocab), (4, 16))
+    learn.model.zero_grad()
+    learn.model[1].decoder.weight.sum().backward()
+    rec = RecordOps()
+    with rec:
+        guard.after_backward()
+        guard.after_step()
+        loss = lf(x, t)
+        loss.backward()
+    guard.after_fit()
+    assert rec.ops, "the recorder saw nothing: the test would not catch a sync"
+    assert {'index_fill_', 'log_softmax' if 'log_softmax' in rec.ops else '_log_softmax', 'exp_'} <= set(rec.ops)
+    assert not SYNC_OPS & set(rec.ops), set(rec.ops)
+    assert torch.equal(x.grad[..., list(lf.rows)], torch.zeros(4, 16, len(lf.rows)))
+
+def test_sync_recorder_can_fail():
+    "The op recorder does see a host sync when there is one"
+    rec = RecordOps()
+    with rec: torch.ones(3).sum().item()
+    assert '_local_scalar_dense' in rec.ops
