@@ -4,3 +4,4 @@ from .core import *
 from .losses import *
 from .learner import *
 from .compat import *
+from .diagnostics import *
