@@ -1,0 +1,143 @@
+"""Time full fastai training steps of a ULMFiT-size AWD-LSTM LM: plain fastai vs PadGuard vs padguard() vs workarounds.
+
+    python bench/step.py [--device cuda] [--vocab 60000] [--reps 5] [--steps 3] [--quick] [--json bench/results.json]
+    python bench/step.py --table bench/results.json     # README's markdown table from a saved run
+
+Variants run interleaved in one process (after a warm-up), so drifts in machine speed hit them alike; the table gives the
+median step time, its ratio to plain fastai and the spread (min-max over all timed steps). Peak memory is measured per
+variant in a fresh process: the peak during a training step, from the CUDA allocator's statistics or, on CPU, the
+process's peak resident set size reset before each step (Linux `/proc/self/clear_refs`).
+"""
+import argparse, json, os, platform, resource, statistics, subprocess, sys, time, warnings
+warnings.filterwarnings('ignore')
+import torch, fastai
+from fastai.text.all import *
+from fastai_padguard.all import *
+
+VARIANTS = ['plain fastai', 'PadGuard alone', 'padguard() (guard + loss)', 'workaround: grad hook', 'workaround: masked logits']
+
+class MaskedLogitsLoss(CrossEntropyLossFlat):
+    "What people write instead: mask the pad logit out of place, then fastai's loss"
+    def __init__(self, pad): super().__init__(); self.pad = pad
+    def __call__(self, inp, targ, **kw): return super().__call__(inp.index_fill(-1, torch.tensor([self.pad], device=inp.device), -float('inf')), targ, **kw)
+
+def _reset_peak_rss():
+    "Linux: reset the process's peak resident set size (VmHWM); False where that isn't possible"
+    try: Path('/proc/self/clear_refs').write_text('5'); return True
+    except OSError: return False
+
+def _peak_rss():
+    for l in Path('/proc/self/status').read_text().splitlines():
+        if l.startswith('VmHWM:'): return int(l.split()[1])*1024
+
+class StepTimer(Callback):
+    "Time each training batch (a full step: forward, loss, backward, optimizer); optionally its peak memory"
+    order = 100
+    def __init__(self, cuda, memory=False): self.cuda,self.memory,self.times,self.peaks = cuda,memory,[],[]
+    def before_batch(self):
+        if not self.training: return
+        if self.memory:
+            if self.cuda: torch.cuda.reset_peak_memory_stats()
+            elif not _reset_peak_rss(): self.memory = False
+        if self.cuda: torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+    def after_batch(self):
+        if not self.training: return
+        if self.cuda: torch.cuda.synchronize()
+        self.times.append(time.perf_counter()-self.t0)
+        if self.memory: self.peaks.append(torch.cuda.max_memory_allocated() if self.cuda else _peak_rss())
+
+def make(args):
+    "Model, data and one learner per variant (sharing the model's initial weights)"
+    V, dev = args.vocab, torch.device(args.device)
+    cfg = {**awd_lstm_lm_config, 'emb_sz': args.emb, 'n_hid': args.hid, 'n_layers': args.layers}
+    g = torch.Generator().manual_seed(0)
+    n = args.bs*(args.steps+1)
+    x = torch.randint(2, V, (n, args.seq_len+1), generator=g)
+    ds = [(x[i,:-1], x[i,1:]) for i in range(n)]
+    dls = DataLoaders.from_dsets(ds, ds[:args.bs], bs=args.bs, device=dev, shuffle=False, drop_last=True)
+    torch.manual_seed(0)
+    state = get_language_model(AWD_LSTM, V, config=dict(cfg)).state_dict()
+    return dls, cfg, state
+
+def learner(variant, dls, cfg, state, args):
+    model = get_language_model(AWD_LSTM, args.vocab, config=dict(cfg)); model.load_state_dict(state)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[ModelResetter, RNNCallback, RNNRegularizer(alpha=2, beta=1)],
+                    splitter=awd_lstm_lm_split, wd=0.01, default_cbs=True)
+    learn.remove_cb(ProgressCallback); learn.logger = noop
+    if variant == 'PadGuard alone': learn.add_cb(PadGuard())
+    elif variant == 'padguard() (guard + loss)': learn.padguard(loss=True)
+    elif variant == 'workaround: grad hook':
+        w = learn.model[0].encoder.weight
+        w.register_hook(lambda g: g.index_fill(0, torch.tensor([1], device=g.device), 0.))
+    elif variant == 'workaround: masked logits': learn.loss_func = MaskedLogitsLoss(1)
+    learn.model.to(args.device)
+    return learn
+
+def run_steps(learn, timer):
+    learn.fit(1, 1e-3, cbs=timer)   # the valid set is tiny; only training batches are timed
+
+def peak_memory(variant, args):
+    "Peak memory of `args.steps` steps of one variant, in a fresh process (CPU) or from the CUDA allocator"
+    cmd = [sys.executable, __file__, '--_memory', variant] + [a for a in sys.argv[1:] if a != '--no-memory']
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+def markdown(res)->str:
+    "README's table from a results JSON"
+    c = res['config']
+    lines = [f"`{res['command']}` on {res['device']} ({res['machine']}, {res['threads']} threads); vocab {c['vocab']}, "
+             f"emb {c['emb']}, hidden {c['hid']} x {c['layers']} layers, bs {c['bs']} x {c['seq_len']}, {c['reps']} rounds of {c['steps']} steps:", '',
+             '| variant | median step | ratio to plain | spread (min-max ratio) | peak memory | vs plain |', '|---|---:|---:|---:|---:|---:|']
+    for v,d in res['variants'].items():
+        mem = f"{d['peak_mb']:.0f} MB | {d['peak_delta_mb']:+.0f} MB" if 'peak_mb' in d else '- | -'
+        lines.append(f"| {v} | {d['median_s']:.3f} s | {d['ratio']:.3f}x | {d['min_ratio']:.3f}-{d['max_ratio']:.3f} | {mem} |")
+    return '\n'.join(lines)
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == '--table': return print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', default='cpu'); p.add_argument('--vocab', type=int, default=60000)
+    p.add_argument('--emb', type=int, default=400); p.add_argument('--hid', type=int, default=1152); p.add_argument('--layers', type=int, default=3)
+    p.add_argument('--bs', type=int, default=32); p.add_argument('--seq-len', type=int, default=72)
+    p.add_argument('--reps', type=int, default=5); p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--quick', action='store_true', help='tiny sizes: checks the script runs, says nothing about speed')
+    p.add_argument('--no-memory', action='store_true'); p.add_argument('--json', default=None)
+    p.add_argument('--_memory', default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick: args.vocab, args.emb, args.hid, args.layers, args.bs, args.seq_len, args.reps, args.steps = 512, 16, 32, 2, 4, 8, 2, 2
+    cuda = args.device.startswith('cuda')
+    dls, cfg, state = make(args)
+    if args._memory:
+        learn = learner(args._memory, dls, cfg, state, args)
+        t = StepTimer(cuda, memory=True); run_steps(learn, t)
+        # peak during a training step (the first one, which also builds optimizer state, left out when there are more)
+        peak = max(t.peaks[1:] or t.peaks) if t.peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024
+        print(json.dumps({'peak_bytes': peak})); return
+    learns = {v: learner(v, dls, cfg, state, args) for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}
+    for v in VARIANTS: run_steps(learns[v], StepTimer(cuda))   # warm-up
+    for r in range(args.reps):
+        for v in VARIANTS:
+            t = StepTimer(cuda); run_steps(learns[v], t); times[v] += t.times[1:]  # first step of each fit re-warms
+    base = statistics.median(times[VARIANTS[0]])
+    res = {'machine': f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, fastai {fastai.__version__}",
+           'device': args.device if not cuda else torch.cuda.get_device_name(), 'threads': torch.get_num_threads(),
+           'config': {k: getattr(args, k) for k in ('vocab','emb','hid','layers','bs','seq_len','reps','steps','quick')},
+           'command': 'python bench/step.py ' + ' '.join(sys.argv[1:]), 'variants': {}}
+    for v in VARIANTS:
+        med = statistics.median(times[v])
+        res['variants'][v] = {'median_s': med, 'ratio': med/base, 'min_ratio': min(times[v])/base, 'max_ratio': max(times[v])/base, 'n': len(times[v])}
+    if not args.no_memory:
+        mems = {v: peak_memory(v, args)['peak_bytes'] for v in VARIANTS}
+        for v in VARIANTS: res['variants'][v].update(peak_mb=mems[v]/2**20, peak_delta_mb=(mems[v]-mems[VARIANTS[0]])/2**20)
+    print(f"{res['device']} ({res['machine']}); vocab {args.vocab}, emb {args.emb}, hidden {args.hid}x{args.layers}, bs {args.bs}x{args.seq_len}")
+    print(f"{'variant':28} {'median step':>12} {'ratio':>7} {'spread':>15} {'peak MB':>9} {'vs plain':>9}")
+    for v,d in res['variants'].items():
+        print(f"{v:28} {d['median_s']:11.3f}s {d['ratio']:7.3f} {d['min_ratio']:6.3f}-{d['max_ratio']:<6.3f}  "
+              f"{d.get('peak_mb', float('nan')):9.0f} {d.get('peak_delta_mb', float('nan')):+9.0f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+if __name__ == '__main__': main()

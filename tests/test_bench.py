@@ -1,0 +1,15 @@
+"The benchmark script runs and emits valid JSON (a smoke test: it checks nothing about speed)"
+import json, subprocess, sys
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+
+def test_bench_quick_emits_json(tmp_path):
+    out = tmp_path/'r.json'
+    subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--quick', '--json', str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert list(res['variants']) == ['plain fastai', 'PadGuard alone', 'padguard() (guard + loss)', 'workaround: grad hook', 'workaround: masked logits']
+    for d in res['variants'].values():
+        assert d['median_s'] > 0 and d['n'] > 0 and d['peak_mb'] > 0
+    assert res['variants']['plain fastai']['ratio'] == 1.0
+    table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(out)], check=True, capture_output=True, text=True).stdout
+    assert '| padguard() (guard + loss) |' in table
