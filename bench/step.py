@@ -1,6 +1,6 @@
 """Time full fastai training steps of a ULMFiT-size AWD-LSTM LM: plain fastai vs PadGuard vs padguard() vs workarounds.
 
-    python bench/step.py [--device cuda] [--vocab 60000] [--reps 5] [--steps 3] [--quick] [--json bench/results.json]
+    python bench/step.py [--device cuda] [--vocab 60000] [--reps 4] [--steps 3] [--quick] [--json bench/results.json]
     python bench/step.py --table bench/results.json     # README's markdown table from a saved run
 
 Variants run interleaved in one process (after a warm-up), so drifts in machine speed hit them alike; the table gives the
@@ -34,6 +34,7 @@ class StepTimer(Callback):
     "Time each training batch (a full step: forward, loss, backward, optimizer); optionally its peak memory"
     order = 100
     def __init__(self, cuda, memory=False): self.cuda,self.memory,self.times,self.peaks = cuda,memory,[],[]
+    def before_validate(self): raise CancelValidException()  # only training steps are measured
     def before_batch(self):
         if not self.training: return
         if self.memory:
@@ -52,7 +53,7 @@ def make(args):
     V, dev = args.vocab, torch.device(args.device)
     cfg = {**awd_lstm_lm_config, 'emb_sz': args.emb, 'n_hid': args.hid, 'n_layers': args.layers}
     g = torch.Generator().manual_seed(0)
-    n = args.bs*(args.steps+1)
+    n = args.bs*args.steps
     x = torch.randint(2, V, (n, args.seq_len+1), generator=g)
     ds = [(x[i,:-1], x[i,1:]) for i in range(n)]
     dls = DataLoaders.from_dsets(ds, ds[:args.bs], bs=args.bs, device=dev, shuffle=False, drop_last=True)
@@ -75,7 +76,7 @@ def learner(variant, dls, cfg, state, args):
     return learn
 
 def run_steps(learn, timer):
-    learn.fit(1, 1e-3, cbs=timer)   # the valid set is tiny; only training batches are timed
+    learn.fit(1, 1e-3, cbs=timer)   # `steps` training batches; the timer skips validation
 
 def peak_memory(variant, args):
     "Peak memory of `args.steps` steps of one variant, in a fresh process (CPU) or from the CUDA allocator"
@@ -88,6 +89,8 @@ def markdown(res)->str:
     c = res['config']
     lines = [f"`{res['command']}` on {res['device']} ({res['machine']}, {res['threads']} threads); vocab {c['vocab']}, "
              f"emb {c['emb']}, hidden {c['hid']} x {c['layers']} layers, bs {c['bs']} x {c['seq_len']}, {c['reps']} rounds of {c['steps']} steps:", '',
+             f"PadGuard's own per-step work (its `after_backward` + `after_step`, timed directly): {res['guard_events_us']:.0f} µs, "
+             f"{res['guard_events_share']*100:.3f}% of a plain step.", '',
              '| variant | median step | ratio to plain | spread (min-max ratio) | peak memory | vs plain |', '|---|---:|---:|---:|---:|---:|']
     for v,d in res['variants'].items():
         mem = f"{d['peak_mb']:.0f} MB | {d['peak_delta_mb']:+.0f} MB" if 'peak_mb' in d else '- | -'
@@ -100,7 +103,7 @@ def main():
     p.add_argument('--device', default='cpu'); p.add_argument('--vocab', type=int, default=60000)
     p.add_argument('--emb', type=int, default=400); p.add_argument('--hid', type=int, default=1152); p.add_argument('--layers', type=int, default=3)
     p.add_argument('--bs', type=int, default=32); p.add_argument('--seq-len', type=int, default=72)
-    p.add_argument('--reps', type=int, default=5); p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--reps', type=int, default=4); p.add_argument('--steps', type=int, default=3)
     p.add_argument('--quick', action='store_true', help='tiny sizes: checks the script runs, says nothing about speed')
     p.add_argument('--no-memory', action='store_true'); p.add_argument('--json', default=None)
     p.add_argument('--_memory', default=None, help=argparse.SUPPRESS)
@@ -116,15 +119,26 @@ def main():
         print(json.dumps({'peak_bytes': peak})); return
     learns = {v: learner(v, dls, cfg, state, args) for v in VARIANTS}
     times = {v: [] for v in VARIANTS}
-    for v in VARIANTS: run_steps(learns[v], StepTimer(cuda))   # warm-up
+    for v in VARIANTS: run_steps(learns[v], StepTimer(cuda))   # warm-up: allocator, optimizer state, caches
     for r in range(args.reps):
         for v in VARIANTS:
-            t = StepTimer(cuda); run_steps(learns[v], t); times[v] += t.times[1:]  # first step of each fit re-warms
+            t = StepTimer(cuda); run_steps(learns[v], t); times[v] += t.times
+    # the guard's own per-step work, timed directly (its cost hides in the noise of a whole step)
+    g = learns['PadGuard alone']; guard = g.pad_guard
+    guard.before_fit(); g.model.zero_grad(); g.model[0].encoder.weight.grad = torch.zeros_like(g.model[0].encoder.weight)
+    g.model[1].decoder.bias.grad = torch.zeros_like(g.model[1].decoder.bias)
+    if cuda: torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200): guard.after_backward(); guard.after_step()
+    if cuda: torch.cuda.synchronize()
+    guard_us = (time.perf_counter()-t0)/200*1e6
+    guard.after_fit(); g.model.zero_grad()
     base = statistics.median(times[VARIANTS[0]])
     res = {'machine': f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, fastai {fastai.__version__}",
            'device': args.device if not cuda else torch.cuda.get_device_name(), 'threads': torch.get_num_threads(),
            'config': {k: getattr(args, k) for k in ('vocab','emb','hid','layers','bs','seq_len','reps','steps','quick')},
-           'command': 'python bench/step.py ' + ' '.join(sys.argv[1:]), 'variants': {}}
+           'command': 'python bench/step.py ' + ' '.join(sys.argv[1:]), 'guard_events_us': guard_us,
+           'guard_events_share': guard_us*1e-6/base, 'variants': {}}
     for v in VARIANTS:
         med = statistics.median(times[v])
         res['variants'][v] = {'median_s': med, 'ratio': med/base, 'min_ratio': min(times[v])/base, 'max_ratio': max(times[v])/base, 'n': len(times[v])}
@@ -136,6 +150,7 @@ def main():
     for v,d in res['variants'].items():
         print(f"{v:28} {d['median_s']:11.3f}s {d['ratio']:7.3f} {d['min_ratio']:6.3f}-{d['max_ratio']:<6.3f}  "
               f"{d.get('peak_mb', float('nan')):9.0f} {d.get('peak_delta_mb', float('nan')):+9.0f}")
+    print(f"PadGuard's own work per step (after_backward + after_step): {guard_us:.0f} us, {res['guard_events_share']*100:.4f}% of a plain step")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))

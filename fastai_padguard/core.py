@@ -88,6 +88,10 @@ def tied_linears(model:nn.Module, weights)->list:
     "Linear layers of `model` whose weight is one of `weights`"
     return [m for m in model.modules() if isinstance(m, nn.Linear) and any(m.weight is w for w in weights)]
 
+def _too_small(embs, e, n):
+    raise ValueError(f"Embedding '{embs[e]}' has {e.num_embeddings} rows but the vocab has {n} tokens: every token needs a row. "
+                     f"Build the model with len(dls.vocab)={n} rows")
+
 def _pick_embeddings(model, pad_idx, toks):
     embs = embeddings(model)
     if not embs: raise ValueError(f"No nn.Embedding or nn.EmbeddingBag in {type(model).__name__}: PadGuard guards embedding rows, "
@@ -104,17 +108,12 @@ def _pick_embeddings(model, pad_idx, toks):
     if not sel:
         sel = [e for e in embs if e.num_embeddings==n] if n is not None else (list(embs) if len(embs)==1 else [])
     if not sel:
-        if n is not None and all(e.num_embeddings < n for e in embs):
-            e = next(iter(embs))
-            raise ValueError(f"Embedding '{embs[e]}' has {e.num_embeddings} rows but the vocab has {n} tokens: every token needs a row. "
-                             f"Build the model with len(dls.vocab)={n} rows")
+        if n is not None and all(e.num_embeddings < n for e in embs): _too_small(embs, next(iter(embs)), n)
         raise ValueError(f"Can't tell which embedding holds the tokens: none has padding_idx={pad_idx}" +
                          ("" if n is None else f" or {n} rows (one per vocab token)") +
                          f"; build the token embedding with nn.Embedding(..., padding_idx={pad_idx})")
     for e in sel:
-        if n is not None and e.num_embeddings < n:
-            raise ValueError(f"Embedding '{embs[e]}' has {e.num_embeddings} rows but the vocab has {n} tokens: every token needs a row. "
-                             f"Build the model with len(dls.vocab)={n} rows")
+        if n is not None and e.num_embeddings < n: _too_small(embs, e, n)
         if e.sparse: raise ValueError(f"Embedding '{embs[e]}' has sparse=True: PadGuard zeroes rows of dense gradients and does not support "
                                       "sparse ones; build it with sparse=False")
     return sel

@@ -120,3 +120,16 @@ def test_metrics_work(lm):
     learn.fit(1, 1e-2)
     _, vloss, acc, ppl = learn.recorder.values[-1]
     assert 0 < acc < 1 and abs(ppl - math.exp(vloss)) < 1e-3 * ppl
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_logits_as_under_mixed_precision(dtype):
+    "Half logits are handled in float32 (as F.cross_entropy under autocast); the gradient keeps the input dtype"
+    torch.manual_seed(0)
+    x = (torch.randn(2, 6, 40) * 3).to(dtype).requires_grad_()
+    t = torch.randint(0, 40, (2, 6)); t[0, 0] = 1
+    loss = PadCrossEntropyLossFlat(1, extra_idxs=[39])(x, t)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    assert torch.equal(x.grad[..., [1, 39]], torch.zeros(2, 6, 2, dtype=dtype))
+    ref = reference(x.detach().float(), t, {1, 39})
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-6
