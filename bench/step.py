@@ -90,7 +90,7 @@ def markdown(res)->str:
     lines = [f"`{res['command']}` on {res['device']} ({res['machine']}, {res['threads']} threads); vocab {c['vocab']}, "
              f"emb {c['emb']}, hidden {c['hid']} x {c['layers']} layers, bs {c['bs']} x {c['seq_len']}, {c['reps']} rounds of {c['steps']} steps:", '',
              f"PadGuard's own per-step work (its `after_backward` + `after_step`, timed directly): {res['guard_events_us']:.0f} µs, "
-             f"{res['guard_events_share']*100:.3f}% of a plain step.", '',
+             f"{res['guard_events_share']*100:.4f}% of a plain step.", '',
              '| variant | median step | ratio to plain | spread (min-max ratio) | peak memory | vs plain |', '|---|---:|---:|---:|---:|---:|']
     for v,d in res['variants'].items():
         mem = f"{d['peak_mb']:.0f} MB | {d['peak_delta_mb']:+.0f} MB" if 'peak_mb' in d else '- | -'

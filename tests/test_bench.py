@@ -13,3 +13,14 @@ def test_bench_quick_emits_json(tmp_path):
     assert res['variants']['plain fastai']['ratio'] == 1.0
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(out)], check=True, capture_output=True, text=True).stdout
     assert '| padguard() (guard + loss) |' in table
+
+def test_loss_bench_runs():
+    out = subprocess.run([sys.executable, str(ROOT/'bench'/'loss.py'), '--n', '64', '--vocab', '500', '--emb', '16', '--reps', '2'],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    assert 'PadCrossEntropyLossFlat' in out and 'copy_ into an existing one' in out
+
+def test_readme_table_is_the_saved_run():
+    "README's cost table is `bench/step.py --table bench/results.json`, so the figures come from a run anyone can repeat"
+    table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(ROOT/'bench'/'results.json')],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    assert table in (ROOT/'README.md').read_text()
