@@ -1,5 +1,7 @@
 "Package metadata, README and the built wheel (issue: core)"
-import configparser, subprocess, sys, tomllib, venv, re, os
+import configparser, subprocess, sys, venv, re, os
+try: import tomllib
+except ImportError: import tomli as tomllib  # Python 3.10
 from pathlib import Path
 import pytest
 
