@@ -26,7 +26,7 @@ class PadAudit:
         if self.is_lm: res += [('tokens in the stream', self.stream_tokens), ('tokens dropped per epoch (remainder)', self.dropped)]
         else: res += [('pad fraction per batch (mean, max)', f"{self.pad_frac.mean().item():.3f}, {self.pad_frac.max().item():.3f}"),
                       ('pad side', f"{self.pad_side} ({self.pad_before} before text, {self.pad_after} after)")]
-        toks = ', '.join(t if t=='xxfake' else f'{t}({i})' for i,t in self.unseen)
+        toks = ', '.join(t if t=='xxfake' else f'{t}({i})' for i,t in self.unseen[:12]) + (f', ... (+{len(self.unseen)-12})' if len(self.unseen) > 12 else '')
         res += [('vocab rows never seen in training', f"{len(self.unseen)} of {self.vocab_size}: {toks}"),
                 ("'xxfake' rows among them", len(self.unseen_fake))]
         return res

@@ -28,10 +28,10 @@ def padguard(self:Learner, pad_idx:int|None=None, mode:str='zero', extra_idxs='f
     "Guard the pad (and `extra_idxs`) rows with `PadGuard`, and leave them out of the loss's softmax for a tied model"
     if loss not in (None, True, False): raise ValueError(f"loss={loss!r}: pass None (swap for a tied language model), True (always) or False (never)")
     cb = PadGuard(pad_idx, mode, extra_idxs)
+    cb.learn = self
+    pad,rows,ps = cb.resolve(check_loss=loss is not True)  # raises before the learner is touched
     self.remove_cbs(self.cbs.filter(lambda o: isinstance(o, PadGuard)))
     self.add_cb(cb)
-    try: pad,rows,ps = cb.resolve(check_loss=loss is not True)
-    except Exception: self.remove_cb(cb); raise
     _swap_loss(self, loss, pad, rows, bool(tied_linears(self.model, [p for _,p in ps])))
     return self
 

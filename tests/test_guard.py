@@ -142,3 +142,9 @@ def test_sync_recorder_can_fail():
     rec = RecordOps()
     with rec: torch.ones(3).sum().item()
     assert '_local_scalar_dense' in rec.ops
+
+def test_failed_padguard_leaves_learner_as_it_was(lm):
+    learn = lm().padguard(mode='freeze')
+    guard, lf = learn.pad_guard, learn.loss_func
+    with pytest.raises(ValueError, match="'xxpad' is at index 1"): learn.padguard(pad_idx=0)
+    assert [c for c in learn.cbs if isinstance(c, PadGuard)] == [guard] and learn.loss_func is lf
