@@ -1,5 +1,5 @@
 """Train a guarded tied LM in 2 processes on CPU; each rank saves its embedding. Run by tests/test_distributed.py:
-    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR [zero|freeze]
 """
 import sys, os, warnings
 warnings.filterwarnings('ignore')
@@ -14,7 +14,7 @@ def _broadcast_cpu(self, t, rank):
     t = LongTensor(t); torch.distributed.broadcast(t, rank); return t.tolist()
 DistributedDL._broadcast = _broadcast_cpu
 
-out = Path(sys.argv[1])
+out, mode = Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else 'zero')
 torch.set_num_threads(1)
 set_seed(0, reproducible=True)
 dls = protein_lm_dls(n=300, bs=8, seq_len=16)
@@ -24,17 +24,24 @@ for dl in dls.loaders:
     dl.bl = dl.bl // dl.seq_len * dl.seq_len
     dl.n_batches, dl.last_len = dl.bl // dl.seq_len, dl.seq_len
     dl.n = dl.n_batches * dl.bs
-learn = language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False, wd=0.1).padguard()
+torch.manual_seed(1 + int(os.environ.get('RANK', 0)))  # different initial weights per rank: DDP must make them agree
+learn = language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False, wd=0.1).padguard(mode=mode)
 steps = []
 class Check(Callback):
+    "After every step: guarded rows exactly 0 (zero) or exactly as at fit start (freeze), on this rank"
     order = 99
-    def after_step(self):
+    def _w(self):
         m = getattr(self.learn.model, 'module', self.learn.model)  # DistributedDataParallel wraps it during fit
-        w = m[0].encoder.weight
-        steps.append(bool(torch.equal(w[1], torch.zeros_like(w[1]))))
+        return m[0].encoder.weight.detach()[[1,29,30,31]]
+    def before_fit(self): self.ref = torch.zeros_like(self._w()) if mode=='zero' else self._w().clone()  # after DDP's broadcast
+    def after_step(self): steps.append(bool(torch.equal(self._w(), self.ref)))
 with learn.distrib_ctx(cpu=True):
     assert num_distrib() == 2, num_distrib()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-2, cbs=Check())
 rank = rank_distrib()
 torch.save({'w': learn.model[0].encoder.weight.detach().clone(), 'b': learn.model[1].decoder.bias.detach().clone(),
             'steps': steps, 'guarded': list(learn.pad_guard.guarded.values())[0]}, out/f'rank{rank}.pt')
+# tear the process group down before exit: left to interpreter shutdown, gloo's threads sometimes abort the process
+# ("terminate called without an active exception") after the work is done
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
