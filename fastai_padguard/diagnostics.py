@@ -55,14 +55,13 @@ def pad_audit(dls, pad_idx:int|None=None, max_batches:int|None=None, bar:bool|No
     n = len(dl) if max_batches is None else min(len(dl), max_batches)
     it = iter(dl)
     if bar if bar is not None else n > 50: it = progress_bar(it, total=n, leave=False)
-    counts, fracs, before, after, fed, nb = None, [], 0, 0, 0, 0
+    counts, fracs, before, after, nb = None, [], 0, 0, 0
     for b in it:
         if nb >= n: break
         xb = b[0]
         ids = torch.cat([xb.flatten(), b[1].flatten()]) if is_lm else xb.flatten()
         c = torch.bincount(ids.as_subclass(Tensor), minlength=len(toks))
         counts = c if counts is None else counts + c
-        fed += xb.numel()
         if not is_lm:
             fracs.append((xb == pad).float().mean())
             bf, af = _side_counts(xb, pad); before, after = before+bf, after+af
