@@ -55,15 +55,24 @@ class PadCrossEntropy(nn.Module):
     def __init__(self, pad_idx:int, extra_idxs=None, reduction:str='mean'):
         super().__init__()
         if reduction not in ('mean','sum','none'): raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
-        self.pad_idx,self.extra_idxs,self.reduction = check_idx(pad_idx, 'pad_idx'),check_extra_idxs(extra_idxs),reduction
+        self.pad_idx,self.reduction = check_idx(pad_idx, 'pad_idx'),reduction
+        self.extra_idxs = extra_idxs
+
+    @property
+    def extra_idxs(self): return self._extra
+    @extra_idxs.setter
+    def extra_idxs(self, v):
+        "Set the other left-out columns; the sorted rows are worked out here, once, not per batch"
+        self._extra = check_extra_idxs(v)
+        self._rows = None if self._extra=='fake' else tuple(sorted({self.pad_idx, *(self._extra or ())}))
 
     @property
     def rows(self)->tuple:
         "The columns left out: pad and `extra_idxs`"
-        if self.extra_idxs=='fake':
+        if self._rows is None:
             raise ValueError("PadCrossEntropyLossFlat(extra_idxs='fake') needs the vocab to find the 'xxfake' rows: "
                              "call learn.padguard(), which resolves it, or pass the row indices")
-        return tuple(sorted({self.pad_idx, *(self.extra_idxs or ())}))
+        return self._rows
 
     def forward(self, inp:Tensor, targ:Tensor)->Tensor:
         return _MaskedCE.apply(inp, targ, rows_on(self.rows, inp.device), self.reduction)
