@@ -48,6 +48,29 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter()-self.t0)
         if self.memory: self.peaks.append(torch.cuda.max_memory_allocated() if self.cuda else _peak_rss())
 
+class SyncDebug(Callback):
+    "Run each training batch (forward, loss, backward, guard, optimizer step) under torch.cuda.set_sync_debug_mode('warn')"
+    order = -100  # first in before_batch; in after_batch before the Recorder, whose per-batch bookkeeping is fastai's, not a step's
+    def __init__(self): self.steps, self.syncs = 0, []
+    def before_validate(self): raise CancelValidException()
+    def before_batch(self):
+        if not self.training: return
+        self._w = warnings.catch_warnings(record=True); self._rec = self._w.__enter__(); warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+    def after_batch(self):
+        if not self.training: return
+        torch.cuda.set_sync_debug_mode(0)
+        self._w.__exit__(None, None, None)
+        self.steps += 1
+        self.syncs += [f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}" for w in self._rec if 'synchroniz' in str(w.message)]
+
+def sync_debug(learn, n=20):
+    "`n` training steps of `learn` under CUDA's sync debugger; the synchronizing calls seen, by place"
+    cb = SyncDebug()
+    torch.cuda.synchronize()
+    while cb.steps < n: learn.fit(1, 1e-3, cbs=cb)
+    return {'steps': cb.steps, 'syncs': sorted(set(cb.syncs)), 'n_syncs': len(cb.syncs)}
+
 def make(args):
     "Model, data and one learner per variant (sharing the model's initial weights)"
     V, dev = args.vocab, torch.device(args.device)
@@ -94,7 +117,11 @@ def markdown(res)->str:
              '| variant | median step | ratio to plain | spread (min-max ratio) | peak memory | vs plain |', '|---|---:|---:|---:|---:|---:|']
     for v,d in res['variants'].items():
         mem = f"{d['peak_mb']:.0f} MB | {d['peak_delta_mb']:+.0f} MB" if 'peak_mb' in d else '- | -'
-        lines.append(f"| {v} | {d['median_s']:.3f} s | {d['ratio']:.3f}x | {d['min_ratio']:.3f}-{d['max_ratio']:.3f} | {mem} |")
+        t = f"{d['median_s']*1e3:.1f} ms" if d['median_s'] < 1 else f"{d['median_s']:.3f} s"
+        lines.append(f"| {v} | {t} | {d['ratio']:.3f}x | {d['min_ratio']:.3f}-{d['max_ratio']:.3f} | {mem} |")
+    sd = res.get('sync_debug')
+    if sd: lines += ['', f"`padguard()` under `torch.cuda.set_sync_debug_mode('warn')`, {sd['steps']} training steps: "
+                         f"{sd['n_syncs']} synchronizing calls" + (': ' + '; '.join(f'`{x}`' for x in sd['syncs']) if sd['syncs'] else '.')]
     return '\n'.join(lines)
 
 def main():
@@ -125,7 +152,7 @@ def main():
             t = StepTimer(cuda); run_steps(learns[v], t); times[v] += t.times
     # the guard's own per-step work, timed directly (its cost hides in the noise of a whole step)
     g = learns['PadGuard alone']; guard = g.pad_guard
-    guard.before_fit(); g.model.zero_grad(); g.model[0].encoder.weight.grad = torch.zeros_like(g.model[0].encoder.weight)
+    guard.before_fit(); guard.before_train(); g.model.zero_grad(); g.model[0].encoder.weight.grad = torch.zeros_like(g.model[0].encoder.weight)
     g.model[1].decoder.bias.grad = torch.zeros_like(g.model[1].decoder.bias)
     if cuda: torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -134,11 +161,12 @@ def main():
     guard_us = (time.perf_counter()-t0)/200*1e6
     guard.after_fit(); g.model.zero_grad()
     base = statistics.median(times[VARIANTS[0]])
+    sync = sync_debug(learns['padguard() (guard + loss)']) if cuda else None
     res = {'machine': f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, fastai {fastai.__version__}",
            'device': args.device if not cuda else torch.cuda.get_device_name(), 'threads': torch.get_num_threads(),
            'config': {k: getattr(args, k) for k in ('vocab','emb','hid','layers','bs','seq_len','reps','steps','quick')},
            'command': 'python bench/step.py ' + ' '.join(sys.argv[1:]), 'guard_events_us': guard_us,
-           'guard_events_share': guard_us*1e-6/base, 'variants': {}}
+           'guard_events_share': guard_us*1e-6/base, 'variants': {}, 'sync_debug': sync}
     for v in VARIANTS:
         med = statistics.median(times[v])
         res['variants'][v] = {'median_s': med, 'ratio': med/base, 'min_ratio': min(times[v])/base, 'max_ratio': max(times[v])/base, 'n': len(times[v])}
@@ -151,6 +179,9 @@ def main():
         print(f"{v:28} {d['median_s']:11.3f}s {d['ratio']:7.3f} {d['min_ratio']:6.3f}-{d['max_ratio']:<6.3f}  "
               f"{d.get('peak_mb', float('nan')):9.0f} {d.get('peak_delta_mb', float('nan')):+9.0f}")
     print(f"PadGuard's own work per step (after_backward + after_step): {guard_us:.0f} us, {res['guard_events_share']*100:.4f}% of a plain step")
+    if sync is not None:
+        print(f"padguard() under torch.cuda.set_sync_debug_mode('warn'), {sync['steps']} training steps: {sync['n_syncs']} synchronizing calls"
+              + ''.join(f"\n  {l}" for l in sync['syncs']))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -20,6 +20,15 @@ def _setweights(self:WeightDropout):
         w = F.dropout(raw_w, p=self.weight_p) if self.training and self.weight_p > 0 else raw_w.clone()
         setattr(self.module, layer, w)
 
+class _Undo:
+    "Puts the `WeightDropout._setweights` it was given back, on `undo()` or at the end of a `with` block"
+    def __init__(self, old): self.old = old
+    def undo(self): WeightDropout._setweights = self.old
+    def __enter__(self): return self
+    def __exit__(self, *args): self.undo()
+
 def patch_weight_dropout():
-    "Make fastai's `WeightDropout` work with `weight_p=0` (fastai 2.8.12, torch 2.13+)"
+    "Make fastai's `WeightDropout` work with `weight_p=0` (fastai 2.8.12, torch 2.13+); as `with patch_weight_dropout():`, only inside the block"
+    old = WeightDropout._setweights
     WeightDropout._setweights = _setweights
+    return _Undo(old)

@@ -1,4 +1,4 @@
-"""A callback that keeps the pad row of a text model's embedding, of its tied decoder and of the decoder's bias exactly zero (or exactly frozen) through every optimizer step.
+"""A callback that keeps the pad row (and other rows that must not learn) of a text model's token embedding, of its output layer and of that layer's bias exactly zero, or exactly frozen, through every optimizer step.
 
 Docs: https://fastai-padguard.github.io/fastai-padguard/core.html.md"""
 
@@ -7,169 +7,47 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/core.html.md"""
 # %% ../nbs/01_core.ipynb #c003
 from __future__ import annotations
 from fastai.basics import *
-from fastai.text.core import PAD
-import functools, operator
+from .rows import *
+from .rows import _check_idx, _check_extra_idxs, _learn_vocab, _rows_on
 
 # %% auto #0
-__all__ = ['FAKE', 'vocab_tokens', 'learn_vocab', 'embeddings', 'check_idx', 'check_extra_idxs', 'find_pad_idx', 'guarded_rows',
-           'param_names', 'tied_linears', 'guarded_params', 'rows_on', 'PadGuard']
+__all__ = ['PadGuard']
 
-# %% ../nbs/01_core.ipynb #c008
-FAKE = 'xxfake'
-_embedding_types = (nn.Embedding, nn.EmbeddingBag)
-
-def vocab_tokens(vocab)->list|None:
-    "The token list of a fastai vocab: `vocab` for a language model, `vocab[0]` for a classifier"
-    if vocab is None or len(vocab)==0: return None
-    return list(vocab) if isinstance(vocab[0], str) else list(vocab[0])
-
-def learn_vocab(learn)->list|None:
-    "Token list of `learn`'s data, or `None` when it has none"
-    try: return vocab_tokens(getattr(learn.dls, 'vocab', None))
-    except Exception: return None
-
-def embeddings(model:nn.Module)->dict:
-    "Map each `nn.Embedding`/`nn.EmbeddingBag` in `model` to its name"
-    return {m:n for n,m in model.named_modules() if isinstance(m, _embedding_types)}
-
-# %% ../nbs/01_core.ipynb #c013
-def check_idx(i, name:str)->int:
-    "`i` as an `int` row index, or a `TypeError`/`ValueError` that says what is wrong with it"
-    if isinstance(i, bool): raise TypeError(f"{name}={i!r} is a bool; pass a row index (an int)")
-    try: i = operator.index(i)
-    except TypeError: raise TypeError(f"{name}={i!r} is not an int; pass a row index such as learn.dls.vocab.index('xxpad')") from None
-    if i < 0: raise ValueError(f"{name}={i} is negative; pass the row index counted from 0, e.g. len(learn.dls.vocab)-1 instead of -1")
-    return i
-
-def check_extra_idxs(extra_idxs)->tuple|str|None:
-    "Validate `extra_idxs`: `None`, `'fake'`, or an iterable of ints"
-    if extra_idxs is None or isinstance(extra_idxs, str) and extra_idxs=='fake': return extra_idxs
-    if isinstance(extra_idxs, str): raise ValueError(f"extra_idxs={extra_idxs!r}: pass 'fake' (every 'xxfake' row of the vocab) or a list of row indices")
-    if isinstance(extra_idxs, Tensor): extra_idxs = extra_idxs.flatten().tolist()
-    try: idxs = list(extra_idxs)
-    except TypeError: raise TypeError(f"extra_idxs={extra_idxs!r} is not iterable; pass a list of row indices, e.g. extra_idxs=[29, 30], or 'fake'") from None
-    return tuple(check_idx(i, 'extra_idxs item') for i in idxs)
-
-# %% ../nbs/01_core.ipynb #c017
-def find_pad_idx(pad_idx:int|None=None, vocab=None, model:nn.Module|None=None)->int:
-    "The pad index: `pad_idx` if given (checked against `vocab`), else `vocab`'s `'xxpad'`, else the model's single `padding_idx`"
-    toks = vocab_tokens(vocab)
-    vpad = toks.index(PAD) if toks and PAD in toks else None
-    if pad_idx is not None:
-        pad_idx = check_idx(pad_idx, 'pad_idx')
-        if toks is not None and pad_idx >= len(toks):
-            raise ValueError(f"pad_idx={pad_idx} is out of range for a vocab of {len(toks)} tokens; the vocab's 'xxpad' is at {vpad}")
-        if vpad is not None and pad_idx != vpad:
-            raise ValueError(f"pad_idx={pad_idx} but the vocab's 'xxpad' is at index {vpad}. Leave pad_idx out to use the vocab's, "
-                             f"or rebuild the data so that 'xxpad' sits at {pad_idx}")
-        return pad_idx
-    if vpad is not None: return vpad
-    pads = sorted({e.padding_idx for e in embeddings(model)} - {None}) if model is not None else []
-    if len(pads)==1: return pads[0]
-    if pads: raise ValueError(f"The model's embeddings set different padding_idx values {pads}; pass the pad index you mean, e.g. learn.padguard(pad_idx={pads[0]})")
-    raise ValueError("Can't tell the pad index: the data has no vocab with 'xxpad' and no embedding in the model sets padding_idx. "
-                     "Pass it, e.g. learn.padguard(pad_idx=0) or PadGuard(pad_idx=0), or build the embedding with nn.Embedding(..., padding_idx=0)")
-
-# %% ../nbs/01_core.ipynb #c021
-def guarded_rows(pad_idx:int, extra_idxs=None, vocab=None)->tuple:
-    "Sorted rows to guard: `pad_idx` and `extra_idxs` (`'fake'`: the vocab's `'xxfake'` rows)"
-    extra = check_extra_idxs(extra_idxs)
-    if extra == 'fake': extra = [i for i,t in enumerate(vocab_tokens(vocab) or []) if t==FAKE]
-    return tuple(sorted({pad_idx, *(extra or [])}))
-
-# %% ../nbs/01_core.ipynb #c025
-def param_names(model:nn.Module)->dict:
-    "Map `id` of each parameter of `model` to all its names, tied names included"
-    res = {}
-    for n,p in model.named_parameters(remove_duplicate=False): res.setdefault(id(p), []).append(n)
-    return res
-
-def tied_linears(model:nn.Module, weights)->list:
-    "Linear layers of `model` whose weight is one of `weights`"
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and any(m.weight is w for w in weights)]
-
-def _too_small(embs, e, n):
-    raise ValueError(f"Embedding '{embs[e]}' has {e.num_embeddings} rows but the vocab has {n} tokens: every token needs a row. "
-                     f"Build the model with len(dls.vocab)={n} rows")
-
-def _pick_embeddings(model, pad_idx, toks):
-    embs = embeddings(model)
-    if not embs: raise ValueError(f"No nn.Embedding or nn.EmbeddingBag in {type(model).__name__}: PadGuard guards embedding rows, "
-                                  "so the model needs one (remove PadGuard from learners without embeddings)")
-    n = None if toks is None else len(toks)
-    vocab_sized = [e for e in embs if n is None or e.num_embeddings >= n]
-    wrong = [e for e in vocab_sized if e.padding_idx not in (None, pad_idx)]
-    if wrong and (n is not None or not any(e.padding_idx==pad_idx for e in embs)):
-        e = wrong[0]
-        raise ValueError(f"The pad index is {pad_idx} but embedding '{embs[e]}' was built with padding_idx={e.padding_idx}. "
-                         f"Make them agree: build the model with pad_idx/padding_idx={pad_idx} (for AWD_LSTM: config['pad_token']={pad_idx}), "
-                         f"or build the data so that 'xxpad' sits at {e.padding_idx}")
-    sel = [e for e in embs if e.padding_idx==pad_idx]
-    if not sel:
-        sel = [e for e in embs if e.num_embeddings==n] if n is not None else (list(embs) if len(embs)==1 else [])
-    if not sel:
-        if n is not None and all(e.num_embeddings < n for e in embs): _too_small(embs, next(iter(embs)), n)
-        raise ValueError(f"Can't tell which embedding holds the tokens: none has padding_idx={pad_idx}" +
-                         ("" if n is None else f" or {n} rows (one per vocab token)") +
-                         f"; build the token embedding with nn.Embedding(..., padding_idx={pad_idx})")
-    for e in sel:
-        if n is not None and e.num_embeddings < n: _too_small(embs, e, n)
-        if e.sparse: raise ValueError(f"Embedding '{embs[e]}' has sparse=True: PadGuard zeroes rows of dense gradients and does not support "
-                                      "sparse ones; build it with sparse=False")
-    return sel
-
-def guarded_params(model:nn.Module, pad_idx:int, rows=None, vocab=None)->list:
-    "`(names, parameter)` pairs holding the guarded `rows`: pad-row embeddings, tied parameters, biases of tied linears"
-    rows = tuple(rows or (pad_idx,))
-    sel = _pick_embeddings(model, pad_idx, vocab_tokens(vocab))
-    for e in sel:
-        if rows[-1] >= e.num_embeddings:
-            raise ValueError(f"Row {rows[-1]} is out of range for embedding '{embeddings(model)[e]}' with {e.num_embeddings} rows; "
-                             f"guarded rows must be below {e.num_embeddings}")
-    weights = list({id(e.weight): e.weight for e in sel}.values())
-    biases = [m.bias for m in tied_linears(model, weights) if m.bias is not None]
-    names = param_names(model)
-    return [(' = '.join(names[id(p)]), p) for p in weights+biases]
-
-# %% ../nbs/01_core.ipynb #c031
-@functools.lru_cache(maxsize=None)
-def _rows_cached(rows:tuple, device:torch.device)->Tensor: return torch.tensor(rows, dtype=torch.long, device=device)
-
-def rows_on(rows, device)->Tensor:
-    "`rows` as a long tensor on `device`, made once per `(rows, device)`"
-    return _rows_cached(tuple(rows), torch.device(device))
-
-# %% ../nbs/01_core.ipynb #c035
+# %% ../nbs/01_core.ipynb #c004
 class PadGuard(Callback):
-    "Keep the pad row (and `extra_idxs` rows) of embeddings, tied decoders and their biases zeroed or frozen"
+    "Keep the pad row (and `extra_idxs` rows) of token embeddings, output layers and their biases zeroed or frozen"
     order = 12
-    def __init__(self, pad_idx:int|None=None, mode:str='zero', extra_idxs=None):
+    def __init__(self,
+        pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
+        mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at the values they had when training started
+        extra_idxs=None, # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
+        emb=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
+    ):
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
-        self.pad_idx = None if pad_idx is None else check_idx(pad_idx, 'pad_idx')
-        self.mode,self.extra_idxs = mode,check_extra_idxs(extra_idxs)
-        self._ps = None
+        self.pad_idx = None if pad_idx is None else _check_idx(pad_idx, 'pad_idx')
+        self.mode,self.extra_idxs,self.emb = mode,_check_extra_idxs(extra_idxs),emb
+        self._ps,self.loss_note = None,None
 
-    def resolve(self, check_loss:bool=True)->tuple:
-        "`(pad_idx, rows, [(names, param)])` for the learner's current model and data; raises if they disagree"
-        vocab,model = learn_vocab(self.learn),self.learn.model
-        pad = find_pad_idx(self.pad_idx, vocab, model)
-        rows = guarded_rows(pad, self.extra_idxs, vocab)
+    def resolve(self, check_loss:bool=True)->Guarded:
+        "What is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
+        g = find_guarded(self.learn.model, _learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb)
         lpad = getattr(self.learn.loss_func, 'pad_idx', None)
-        if check_loss and lpad is not None and lpad != pad:
-            raise ValueError(f"The loss ignores pad index {lpad} but the guard's pad index is {pad}; "
-                             f"build the loss with PadCrossEntropyLossFlat({pad}) or call learn.padguard(loss=True)")
-        return pad, rows, guarded_params(model, pad, rows, vocab)
+        if check_loss and lpad is not None and lpad != g.pad_idx:
+            raise ValueError(f"The loss ignores pad index {lpad} but the guard's pad index is {g.pad_idx}; "
+                             f"build the loss with PadCrossEntropyLossFlat({g.pad_idx}) or call learn.padguard(loss=True)")
+        return g
 
     @property
     def guarded(self)->dict:
         "What is guarded in the learner's current model: `{parameter names: rows}`"
-        pad,rows,ps = self.resolve()
-        return {n:rows for n,_ in ps}
+        return self.resolve().rows
 
-    def before_fit(self):
-        _,rows,ps = self.resolve()
-        self._ps = [(p, rows_on(rows, p.device)) for _,p in ps]
+    def before_fit(self): self._ps = None
+    def before_train(self):
+        "At the first training epoch of a fit: find the targets, then zero (or snapshot) their rows"
+        if self._ps is not None: return
+        self._ps = [(p, _rows_on(r, p.device)) for _,p,r in self.resolve().targets]
         if self.mode=='zero': self._restore()
         else: self._saved = [p.detach().index_select(0, i) for p,i in self._ps]
 
@@ -191,7 +69,9 @@ class PadGuard(Callback):
         self._ps = self._saved = None
 
     def __repr__(self):
-        s = f"PadGuard(pad_idx={self.pad_idx}, mode={self.mode!r}, extra_idxs={self.extra_idxs!r})"
-        if self.learn is None: return s
-        try: return s + ''.join(f"\n  {n}: rows {list(r)}" for n,r in self.guarded.items())
-        except Exception as e: return s + f"\n  (nothing guarded: {e})"
+        s = f"PadGuard(mode={self.mode!r}" + (f", emb={self.emb!r}" if self.emb is not None else '')
+        if self.learn is None: return s + f", pad_idx={self.pad_idx}, extra_idxs={self.extra_idxs!r})"
+        try: g = self.resolve()
+        except Exception as e: return s + f")\n  nothing guarded: {e}"
+        s += f", pad_idx={g.pad_idx})" + ''.join(f"\n  {n}: rows {list(r)}" for n,r in g.rows.items())
+        return s + ''.join(f"\n  note: {n}" for n in g.notes + ([self.loss_note] if self.loss_note else []))

@@ -11,6 +11,7 @@ from fastcore.script import call_parse
 from .data import *
 from .learner import *
 from .compat import patch_weight_dropout
+from .rows import find_guarded
 
 # %% auto #0
 __all__ = ['drift_run', 'demo', 'main']
@@ -18,12 +19,15 @@ __all__ = ['drift_run', 'demo', 'main']
 # %% ../nbs/06_demo.ipynb #c005
 def drift_run(guard:bool, n:int=1000, bs:int=32, seq_len:int=32, seed:int=0)->dict:
     "Train the seed's tied AWD-LSTM LM once, with or without `padguard()`; return pad/`xxfake` drift and validation loss"
-    patch_weight_dropout()
+    with patch_weight_dropout(): return _drift_run(guard, n, bs, seq_len, seed)
+
+def _drift_run(guard, n, bs, seq_len, seed):
     dls = protein_lm_dls(n=n, bs=bs, seq_len=seq_len, seed=seed)
     set_seed(seed, reproducible=True)
     learn = language_model_learner(dls, AWD_LSTM, config=small_lm_config(), drop_mult=0., wd=1e-2, pretrained=False)
     if guard: learn.padguard()
-    pad, fake = dls.vocab.index('xxpad'), [i for i,t in enumerate(dls.vocab) if t=='xxfake']
+    g = find_guarded(learn.model, dls.vocab, extra_idxs='fake')
+    pad, fake = g.pad_idx, [r for r in g.loss_rows if r != g.pad_idx]
     w = learn.model[0].encoder.weight
     with torch.no_grad(): w[[pad]+fake] = 0
     w0 = w.detach().clone()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastai.basics import *
 from fastai.text.data import LMDataLoader
 from fastprogress.fastprogress import progress_bar
-from .core import *
+from .rows import find_guarded, _text_vocabs, _vocab_pad, _learn_vocab, _rows_on, _check_extra_idxs, _check_idx
 
 # %% auto #0
 __all__ = ['PadAudit', 'pad_audit', 'PadMonitor']
@@ -45,12 +45,17 @@ def _side_counts(x, pad):
     after = torch.where(empty, 0, x.shape[1]-1-last).sum()
     return before, after
 
-def pad_audit(dls, pad_idx:int|None=None, max_batches:int|None=None, bar:bool|None=None)->PadAudit:
+def pad_audit(dls, # Text `DataLoaders` (or one `DataLoader`) with a vocab
+              pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad'
+              max_batches:int|None=None, # Scan at most this many batches
+              bar:bool|None=None, # Show a progress bar; by default when there are more than 50 batches
+             )->PadAudit:
     "Scan `dls.train` once: pad in batches, tokens the LM loader drops per epoch, vocab rows never seen"
     dl = dls.train if hasattr(dls, 'train') else dls
-    toks = vocab_tokens(getattr(dls, 'vocab', None))
-    if toks is None: raise ValueError("pad_audit needs text DataLoaders with a vocab (fastai's TextBlock gives them one)")
-    pad = find_pad_idx(pad_idx, toks)
+    vs = _text_vocabs(getattr(dls, 'vocab', None))
+    if not vs: raise ValueError("pad_audit needs text DataLoaders with a vocab (fastai's TextBlock gives them one)")
+    toks = vs[0]
+    pad = _vocab_pad(toks, None if pad_idx is None else _check_idx(pad_idx, 'pad_idx'))
     is_lm = isinstance(dl, LMDataLoader)
     n = len(dl) if max_batches is None else min(len(dl), max_batches)
     it = iter(dl)
@@ -82,18 +87,23 @@ def pad_audit(dls, pad_idx:int|None=None, max_batches:int|None=None, bar:bool|No
 class PadMonitor(Callback):
     "Record the max |change| of the pad row (and `idxs`) of the token embedding after every step"
     order = 13
-    def __init__(self, idxs=None):
-        self.idxs = check_extra_idxs(idxs)
-        self.values,self.rows,self.names = None,(),[]
+    def __init__(self,
+        idxs=None, # Other rows to record: 'fake' (the vocab's 'xxfake' rows) or a list of ints
+    ):
+        self.idxs = _check_extra_idxs(idxs)
+        self.values,self.rows,self.names,self._hist = None,(),[],None
 
-    def before_fit(self):
-        vocab,model = learn_vocab(self.learn),self.learn.model
-        pad = find_pad_idx(getattr(getattr(self.learn, 'pad_guard', None), 'pad_idx', None), vocab, model)
-        self.rows = guarded_rows(pad, self.idxs, vocab)
-        self.rows = (pad,) + tuple(r for r in self.rows if r!=pad)
-        self.names = [vocab[r] if vocab else str(r) for r in self.rows]
-        self._w = guarded_params(model, pad, self.rows, vocab)[0][1]
-        self._i = rows_on(self.rows, self._w.device)
+    def before_fit(self): self._hist = None
+    def before_train(self):
+        "At the first training epoch of a fit (after the guard's, order 12): the rows' starting values"
+        if self._hist is not None: return
+        guard = getattr(self.learn, 'pad_guard', None)
+        g = find_guarded(self.learn.model, _learn_vocab(self.learn), getattr(guard, 'pad_idx', None), self.idxs, getattr(guard, 'emb', None))
+        names,self._w,rows = g.targets[0]
+        self.rows = (g.pad_idx,) + tuple(r for r in rows if r!=g.pad_idx) if g.pad_idx in rows else rows
+        toks = (_text_vocabs(_learn_vocab(self.learn)) or [None])[-1 if g.loss_rows else 0]
+        self.names = [toks[r] if toks and len(toks)==self._w.shape[0] else str(r) for r in self.rows]
+        self._i = _rows_on(self.rows, self._w.device)
         self._w0 = self._w.detach().index_select(0, self._i).clone()
         self._hist = []
 
@@ -101,8 +111,9 @@ class PadMonitor(Callback):
         self._hist.append((self._w.detach().index_select(0, self._i) - self._w0).abs().amax(1))
 
     def after_fit(self):
+        if self._hist is None: return  # validate, get_preds, predict: nothing trained, nothing recorded
         self.values = torch.stack(self._hist).cpu() if self._hist else torch.zeros(0, len(self.rows))
-        self._w = self._w0 = self._i = self._hist = None
+        self._w = self._w0 = self._i = None
 
     def plot(self, ax=None, title=None):
         "Plot the max |change| of each monitored row against the training step"

@@ -1,4 +1,4 @@
-"""One call that wires `PadGuard` and `PadCrossEntropyLossFlat` into a `Learner` from its data's vocab, and checks the pad index before any training.
+"""One call that wires `PadGuard` and `PadCrossEntropyLossFlat` into a `Learner` from its data and model, and checks the pad index before any training.
 
 Docs: https://fastai-padguard.github.io/fastai-padguard/learner.html.md"""
 
@@ -9,30 +9,55 @@ from __future__ import annotations
 from fastai.basics import *
 from .core import *
 from .losses import *
+from .losses import _PadCrossEntropy
+import warnings
 
 # %% auto #0
 __all__ = ['padguard']
 
-# %% ../nbs/03_learner.ipynb #c006
-def _swap_loss(learn, loss, pad, rows, tied):
-    lf = learn.loss_func
-    if isinstance(lf, PadCrossEntropyLossFlat) and not loss:
-        if lf.extra_idxs=='fake': lf.func.extra_idxs = tuple(r for r in rows if r!=pad)
-        return
-    plain = type(lf) is CrossEntropyLossFlat and getattr(lf.func, 'weight', None) is None and lf.func.label_smoothing==0
-    if loss or (loss is None and tied and plain):
-        learn.loss_func = PadCrossEntropyLossFlat(pad, extra_idxs=[r for r in rows if r!=pad], axis=getattr(lf, 'axis', -1))
-
+# %% ../nbs/03_learner.ipynb #c004
 @patch
-def padguard(self:Learner, pad_idx:int|None=None, mode:str='zero', extra_idxs='fake', loss:bool|None=None)->Learner:
-    "Guard the pad (and `extra_idxs`) rows with `PadGuard`, and leave them out of the loss's softmax for a tied model"
-    if loss not in (None, True, False): raise ValueError(f"loss={loss!r}: pass None (swap for a tied language model), True (always) or False (never)")
-    cb = PadGuard(pad_idx, mode, extra_idxs)
+def padguard(self:Learner,
+    pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
+    mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at their values when training starts
+    extra_idxs='fake', # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
+    loss:bool|None=None, # Swap in `PadCrossEntropyLossFlat`: None for a language model, True always, False never
+    emb=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
+)->Learner:
+    "Guard the pad (and `extra_idxs`) rows with `PadGuard` and, for a language model, leave them out of the loss's softmax"
+    if loss not in (None, True, False): raise ValueError(f"loss={loss!r}: pass None (swap for a language model), True (always) or False (never)")
+    cb = PadGuard(pad_idx, mode, extra_idxs, emb)
     cb.learn = self
-    pad,rows,ps = cb.resolve(check_loss=loss is not True)  # raises before the learner is touched
+    g = cb.resolve(check_loss=loss is not True)  # raises before the learner is touched
+    new_loss, note = _new_loss(self.loss_func, loss, g)
     self.remove_cbs(self.cbs.filter(lambda o: isinstance(o, PadGuard)))
     self.add_cb(cb)
-    _swap_loss(self, loss, pad, rows, bool(tied_linears(self.model, [p for _,p in ps])))
+    self.loss_func, cb.loss_note = new_loss, note
+    for n in g.notes + ([note] if note else []): warnings.warn(n, stacklevel=2)
     return self
 
 padguard = Learner.padguard
+
+# %% ../nbs/03_learner.ipynb #c005
+def _new_loss(lf, loss, g):
+    "The loss `padguard` leaves on the learner, and a note when it could not swap one in"
+    rows = g.loss_rows
+    if rows is None and loss:
+        rs = {r for _,_,r in g.targets}
+        if len(rs) != 1: raise ValueError(f"loss=True, but the guarded layers have different rows {sorted(rs)}: can't tell which the loss's "
+                                          "columns are. Set learn.loss_func = PadCrossEntropyLossFlat(pad_idx, extra_idxs=[...]) yourself")
+        rows = rs.pop()
+    if loss is False or rows is None: return lf, None
+    extra = [r for r in rows if r != g.pad_idx]
+    if isinstance(lf, PadCrossEntropyLossFlat) and not loss:
+        if lf.extra_idxs=='fake': lf.func.extra_idxs = extra
+        return lf, None
+    func = getattr(lf, 'func', None)
+    if isinstance(lf, BaseLoss) and isinstance(func, (nn.CrossEntropyLoss, _PadCrossEntropy)):
+        kw = dict(ignore_index=func.ignore_index, reduction=func.reduction, weight=func.weight, label_smoothing=func.label_smoothing)
+        return PadCrossEntropyLossFlat(g.pad_idx, extra_idxs=extra, axis=getattr(lf, 'axis', -1), **kw), None
+    if loss: raise ValueError(f"loss=True, but padguard() can't carry over the loss {lf!r}: it carries over only CrossEntropyLossFlat's "
+                              "settings. Set learn.loss_func = PadCrossEntropyLossFlat(...) yourself, or leave loss=None")
+    return lf, (f"padguard() left the loss {lf!r} in place: it swaps in PadCrossEntropyLossFlat only for CrossEntropyLossFlat, "
+                "whose settings it carries over, so the pad logit stays in the softmax (the guard still zeroes the rows' gradient). "
+                "Pass loss=False to keep your loss without this note, or set learn.loss_func = PadCrossEntropyLossFlat(...) yourself")

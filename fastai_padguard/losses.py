@@ -1,4 +1,4 @@
-"""`PadCrossEntropyLossFlat`: targets equal to pad are ignored, and the pad logit (and any other guarded column) takes no part in the softmax, so a tied decoder sends exactly zero gradient to those rows.
+"""A cross-entropy that leaves the pad column (and any other guarded column) out of the targets *and* out of the softmax, so a tied decoder sends exactly zero gradient to those rows.
 
 Docs: https://fastai-padguard.github.io/fastai-padguard/losses.html.md"""
 
@@ -7,33 +7,88 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/losses.html.md"""
 # %% ../nbs/02_losses.ipynb #c003
 from __future__ import annotations
 from fastai.basics import *
-from .core import rows_on, check_idx, check_extra_idxs
+from .rows import _rows_on, _check_idx, _check_extra_idxs
 from math import inf
 
 # %% auto #0
-__all__ = ['PadCrossEntropy', 'PadCrossEntropyLossFlat']
+__all__ = ['PadCrossEntropyLossFlat']
 
-# %% ../nbs/02_losses.ipynb #c008
+# %% ../nbs/02_losses.ipynb #c004
+class PadCrossEntropyLossFlat(BaseLoss):
+    "Same as `CrossEntropyLossFlat`, with the pad (and `extra_idxs`) columns out of the targets and out of the softmax"
+    y_int = True
+    def __init__(self,
+        pad_idx:int, # Index of the pad token: never a target, never in the softmax
+        *args,
+        extra_idxs=None, # Other indices left out the same way: a list of ints (`padguard()` passes the `xxfake` rows)
+        ignore_index:int=-100, # Targets equal to this are ignored too, as in `CrossEntropyLossFlat` (HF labels use -100)
+        reduction:str='mean', # 'mean' (over the targets kept), 'sum' or 'none'
+        weight:Tensor|None=None, # A weight per class, as in `nn.CrossEntropyLoss`
+        label_smoothing:float=0., # Spread over the kept columns only
+        axis:int=-1, # The class axis of the logits
+        **kwargs
+    ):
+        super().__init__(_PadCrossEntropy, pad_idx, *args, extra_idxs=extra_idxs, ignore_index=ignore_index, reduction=reduction,
+                         weight=weight, label_smoothing=label_smoothing, axis=axis, **kwargs)
+        for k in ('pad_idx','extra_idxs','ignore_index','weight','label_smoothing'): self.__dict__.pop(k, None)  # read them from `func`
+
+    pad_idx = property(lambda self: self.func.pad_idx, doc="The pad index")
+    extra_idxs = property(lambda self: self.func.extra_idxs, doc="Other indices left out of the softmax and the targets")
+    rows = property(lambda self: self.func.rows, doc="All indices left out, sorted")
+    ignore_index = property(lambda self: self.func.ignore_index, doc="Targets equal to it are ignored")
+    weight = property(lambda self: self.func.weight, doc="Weight per class, or `None`")
+    label_smoothing = property(lambda self: self.func.label_smoothing, doc="Label smoothing, spread over the kept columns")
+
+    def _contiguous(self, x):
+        "Move `axis` last, keeping the dtype (`BaseLoss` would turn float64 into float32)"
+        return x.as_subclass(Tensor).transpose(self.axis,-1).contiguous() if isinstance(x, Tensor) else x
+
+    def _mask(self, x:Tensor)->Tensor: return x.index_fill(self.axis, _rows_on(self.rows, x.device), -inf)
+    def decodes(self, x:Tensor)->Tensor:
+        "Most likely class, never a left-out one"
+        return self._mask(x).argmax(dim=self.axis)
+    def activation(self, x:Tensor)->Tensor:
+        "Softmax with probability exactly 0 for the left-out classes"
+        return F.softmax(self._mask(x), dim=self.axis)
+    def __repr__(self): return f"PadCrossEntropyLossFlat({self.func.extra_repr()})"
+
+# %% ../nbs/02_losses.ipynb #c007
 class _MaskedCE(torch.autograd.Function):
-    "Cross-entropy of `x` `(N, C)` with columns `idx` out of the softmax; rows whose target is in `idx` are ignored"
+    "Cross-entropy of `x` `(N, C)` with columns `idx` out of the softmax and out of the targets"
+    in_place = True  # mask the logits in place and restore them (False: mask a copy; `bench/loss.py` compares the two)
     @staticmethod
-    def forward(ctx, x, t, idx, reduction):
+    def forward(ctx, x, t, idx, ignore_index, weight, smoothing, reduction):
         half = x.dtype in (torch.float16, torch.bfloat16)
-        if half or x.is_inference(): lsm = torch.log_softmax(x.to(torch.float32 if half else x.dtype, copy=True).index_fill_(1, idx, -inf), 1)
+        if half or not _MaskedCE.in_place or x.is_inference() or torch.compiler.is_compiling():
+            lsm = torch.log_softmax(x.to(torch.float32 if half else x.dtype, copy=True).index_fill_(1, idx, -inf), 1)
         else:
-            kept = x.index_select(1, idx)
-            x.index_fill_(1, idx, -inf)
-            try: lsm = torch.log_softmax(x, 1)
-            finally: x.index_copy_(1, idx, kept)
-        keep = (t[:,None] != idx).all(1)
-        nll = torch.where(keep, lsm.gather(1, t[:,None]).squeeze(1).neg_(), 0.)
-        w = keep.to(lsm.dtype)
+            xd = x.data  # written and restored bitwise before anything reads it; `.data` leaves the version counter alone
+            kept = xd.index_select(1, idx)
+            xd.index_fill_(1, idx, -inf)
+            try: lsm = torch.log_softmax(xd, 1)
+            finally: xd.index_copy_(1, idx, kept)
+        keep = (t != ignore_index) & (t[:,None] != idx).all(1)
+        ts = torch.where(keep, t, 0)
+        nll = lsm.gather(1, ts[:,None]).squeeze(1).neg_()
+        wt = keep.to(lsm.dtype) if weight is None else torch.where(keep, weight.to(lsm.dtype)[ts], 0)
+        loss = (1-smoothing) * wt * nll
+        if smoothing:
+            wk = (torch.ones(x.shape[1], dtype=lsm.dtype, device=x.device) if weight is None else weight.to(lsm.dtype)).index_fill(0, idx, 0)
+            k = x.shape[1] - idx.numel()
+            lsm.index_fill_(1, idx, 0.)
+            smooth = (lsm @ wk).neg_() * keep
+            lsm.index_fill_(1, idx, -inf)
+            loss = loss + smoothing/k * smooth
+            c = keep.to(lsm.dtype) * (smoothing/k)
+            a = (1-smoothing)*wt + c*wk.sum()
+        else: wk,c,a = None,None,wt
         if reduction=='mean':
-            w = w / keep.sum().clamp_(min=1)
-            loss = (nll*w).sum()
-        elif reduction=='sum': loss = nll.sum()
-        else: loss = nll
-        ctx.save_for_backward(lsm, t, w)
+            den = wt.sum()
+            s = 1/torch.where(den > 0, den, 1)
+            loss = loss.sum()*s
+        else: s = lsm.new_ones(())
+        if reduction=='sum': loss = loss.sum()
+        ctx.save_for_backward(lsm, ts, a, (1-smoothing)*wt, c, wk, s)
         ctx.dtype,ctx.used = x.dtype,False
         return loss
 
@@ -42,20 +97,23 @@ class _MaskedCE(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.used: raise RuntimeError("PadCrossEntropyLossFlat reuses its saved buffer as the gradient, so it can't backpropagate twice (retain_graph=True)")
         ctx.used = True
-        lsm,t,w = ctx.saved_tensors
+        lsm,ts,a,b,c,wk,s = ctx.saved_tensors
+        gs = g*s
         p = lsm.exp_()
-        p.scatter_add_(1, t[:,None], p.new_full((len(t),1), -1.))
-        p.mul_((w*g)[:,None])
-        return p.to(ctx.dtype), None, None, None
+        p.mul_((a*gs)[:,None])
+        p.scatter_add_(1, ts[:,None], (b*gs).neg_()[:,None])
+        if c is not None: p.addr_(c*gs, wk, alpha=-1)
+        return p.to(ctx.dtype), None, None, None, None, None, None
 
-# %% ../nbs/02_losses.ipynb #c009
-class PadCrossEntropy(nn.Module):
+# %% ../nbs/02_losses.ipynb #c008
+class _PadCrossEntropy(nn.Module):
     "Cross-entropy over `(N, C)` logits with columns `pad_idx` and `extra_idxs` out of the softmax and out of the targets"
-    pad_idx:int; extra_idxs:tuple|str|None; reduction:str
-    def __init__(self, pad_idx:int, extra_idxs=None, reduction:str='mean'):
+    def __init__(self, pad_idx:int, extra_idxs=None, ignore_index:int=-100, reduction:str='mean', weight:Tensor|None=None, label_smoothing:float=0.):
         super().__init__()
         if reduction not in ('mean','sum','none'): raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
-        self.pad_idx,self.reduction = check_idx(pad_idx, 'pad_idx'),reduction
+        if not 0 <= label_smoothing <= 1: raise ValueError(f"label_smoothing={label_smoothing} is not between 0 and 1")
+        self.pad_idx,self.reduction,self.ignore_index,self.label_smoothing = _check_idx(pad_idx, 'pad_idx'),reduction,int(ignore_index),float(label_smoothing)
+        self.weight,self._w = (None if weight is None else torch.as_tensor(weight).detach()),{}
         self.extra_idxs = extra_idxs
 
     @property
@@ -63,43 +121,30 @@ class PadCrossEntropy(nn.Module):
     @extra_idxs.setter
     def extra_idxs(self, v):
         "Set the other left-out columns; the sorted rows are worked out here, once, not per batch"
-        self._extra = check_extra_idxs(v)
+        self._extra = _check_extra_idxs(v)
         self._rows = None if self._extra=='fake' else tuple(sorted({self.pad_idx, *(self._extra or ())}))
 
     @property
     def rows(self)->tuple:
-        "The columns left out: pad and `extra_idxs`"
         if self._rows is None:
             raise ValueError("PadCrossEntropyLossFlat(extra_idxs='fake') needs the vocab to find the 'xxfake' rows: "
                              "call learn.padguard(), which resolves it, or pass the row indices")
         return self._rows
 
+    def _weight(self, device):
+        "`weight` on `device`, copied there once"
+        if self.weight is None: return None
+        if device not in self._w: self._w[device] = self.weight.to(device)
+        return self._w[device]
+
     def forward(self, inp:Tensor, targ:Tensor)->Tensor:
-        return _MaskedCE.apply(inp, targ, rows_on(self.rows, inp.device), self.reduction)
+        return _MaskedCE.apply(inp, targ, _rows_on(self.rows, inp.device), self.ignore_index, self._weight(inp.device),
+                               self.label_smoothing, self.reduction)
 
-    def extra_repr(self): return f"pad_idx={self.pad_idx}, extra_idxs={self.extra_idxs}, reduction={self.reduction!r}"
-
-# %% ../nbs/02_losses.ipynb #c011
-class PadCrossEntropyLossFlat(BaseLoss):
-    "Same as `CrossEntropyLossFlat(ignore_index=pad_idx)`, with the pad (and `extra_idxs`) logits out of the softmax"
-    y_int = True
-    def __init__(self, pad_idx:int, *args, extra_idxs=None, axis:int=-1, **kwargs):
-        super().__init__(PadCrossEntropy, pad_idx, *args, extra_idxs=extra_idxs, axis=axis, **kwargs)
-        for k in ('pad_idx','extra_idxs'): self.__dict__.pop(k, None) # `BaseLoss` copies `func`'s attributes; read them from `func`
-
-    pad_idx = property(lambda self: self.func.pad_idx, doc="The pad index")
-    extra_idxs = property(lambda self: self.func.extra_idxs, doc="Other indices left out of the softmax and the targets")
-    rows = property(lambda self: self.func.rows, doc="All indices left out")
-
-    def _contiguous(self, x):
-        "Move `axis` last, keeping the dtype (`BaseLoss` would turn float64 into float32)"
-        return x.as_subclass(Tensor).transpose(self.axis,-1).contiguous() if isinstance(x, Tensor) else x
-
-    def _mask(self, x:Tensor)->Tensor: return x.index_fill(self.axis, rows_on(self.rows, x.device), -inf)
-    def decodes(self, x:Tensor)->Tensor:
-        "Most likely class, never a left-out one"
-        return self._mask(x).argmax(dim=self.axis)
-    def activation(self, x:Tensor)->Tensor:
-        "Softmax with probability exactly 0 for the left-out classes"
-        return F.softmax(self._mask(x), dim=self.axis)
-    def __repr__(self): return f"PadCrossEntropyLossFlat({self.func.extra_repr()})"
+    def __getstate__(self): return {**self.__dict__, '_w': {}}
+    def extra_repr(self):
+        s = f"pad_idx={self.pad_idx}, extra_idxs={self.extra_idxs}, reduction={self.reduction!r}"
+        if self.ignore_index != -100: s += f", ignore_index={self.ignore_index}"
+        if self.weight is not None: s += f", weight={self.weight.tolist()}"
+        if self.label_smoothing: s += f", label_smoothing={self.label_smoothing}"
+        return s

@@ -3,6 +3,7 @@ warnings.filterwarnings('ignore', category=FutureWarning)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from fastai.text.all import *
 from fastai_padguard.all import *
+from fastai_padguard.data import *
 
 @pytest.fixture(scope='session')
 def lm_dls(): return protein_lm_dls(n=300, bs=16, seq_len=16)
@@ -12,7 +13,8 @@ def lm(lm_dls):
     "A fresh tied AWD_LSTM language model learner, quiet"
     def _f(**kwargs):
         set_seed(0, reproducible=True)
-        learn = language_model_learner(lm_dls, AWD_LSTM, config=small_lm_config(), pretrained=False, **kwargs)
+        kwargs.setdefault('config', small_lm_config())
+        learn = language_model_learner(lm_dls, AWD_LSTM, pretrained=False, **kwargs)
         learn.remove_cb(ProgressCallback)
         learn.logger = noop
         return learn

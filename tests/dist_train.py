@@ -8,6 +8,7 @@ import torch
 from fastai.text.all import *
 from fastai.distributed import *
 from fastai_padguard.all import *
+from fastai_padguard.data import *
 
 def _broadcast_cpu(self, t, rank):
     "fastai 2.8.12's DistributedDL._broadcast calls .cuda(); gloo broadcasts CPU tensors"

@@ -2,6 +2,7 @@
 import torch, pytest
 from fastai.text.all import *
 from fastai_padguard.all import *
+from fastai_padguard.data import *
 
 def test_lm_audit_matches_independent_counts(lm_dls):
     audit = pad_audit(lm_dls)
@@ -67,7 +68,7 @@ def test_monitor_records_no_host_sync(lm):
     learn = lm(cbs=PadMonitor('fake'))
     learn.fit(1, 1e-2)
     mon = learn.pad_monitor
-    mon.before_fit()
+    mon.before_fit(); mon.before_train()
     rec = RecordOps()
     with rec:
         for _ in range(3): mon.after_step()

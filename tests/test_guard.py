@@ -4,6 +4,7 @@ import torch, pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 from fastai.text.all import *
 from fastai_padguard.all import *
+from fastai_padguard.data import *
 from conftest import guarded_rows_of
 
 def test_zero_mode_tied_awd_lstm_fit_one_cycle(lm, lm_dls):
@@ -120,7 +121,7 @@ def test_no_host_device_sync_in_hot_path(lm):
     learn = lm(wd=0.1).padguard()
     learn.fit(1, 1e-2)  # builds once-per-fit state
     guard, lf = learn.pad_guard, learn.loss_func
-    guard.before_fit()
+    guard.before_fit(); guard.before_train()
     x = torch.randn(4, 16, len(learn.dls.vocab), requires_grad=True)
     t = torch.randint(0, len(learn.dls.vocab), (4, 16))
     learn.model.zero_grad()

@@ -1,9 +1,10 @@
 "PadCrossEntropyLossFlat against an independent float64 reference, and in fastai training (issue: loss)"
-import math
+import math, warnings
 import torch, pytest
 import torch.nn.functional as F
 from fastai.text.all import *
 from fastai_padguard.all import *
+from fastai_padguard.data import *
 from conftest import guarded_rows_of
 
 def reference(x, t, rows):
@@ -133,3 +134,100 @@ def test_half_logits_as_under_mixed_precision(dtype):
     assert torch.equal(x.grad[..., [1, 39]], torch.zeros(2, 6, 2, dtype=dtype))
     ref = reference(x.detach().float(), t, {1, 39})
     assert abs(loss.item() - ref.item()) / ref.item() < 1e-6
+
+# ---- the user's loss carried over, and heads that save their output (issue: models) ----
+def reference_full(x, t, rows, ignore_index=-100, weight=None, label_smoothing=0., reduction='mean'):
+    "F.cross_entropy in float64 on the logits with `rows` deleted; targets in `rows` or equal to ignore_index dropped"
+    x, t = x.reshape(-1, x.shape[-1]).double(), t.reshape(-1)
+    cols = [c for c in range(x.shape[1]) if c not in rows]
+    remap = torch.full((x.shape[1],), -1, dtype=torch.long); remap[cols] = torch.arange(len(cols))
+    keep = (t != ignore_index) & ~torch.isin(t, torch.tensor(sorted(rows)))
+    tt = torch.where(keep, remap[t.clamp(min=0)], -100)
+    w = None if weight is None else weight.double()[cols]
+    return F.cross_entropy(x[:, cols], tt, weight=w, ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction)
+
+CASES = [dict(), dict(ignore_index=5), dict(reduction='sum'), dict(reduction='none'), dict(weight=True), dict(label_smoothing=0.1),
+         dict(weight=True, label_smoothing=0.2, reduction='sum'), dict(ignore_index=5, weight=True, label_smoothing=0.05)]
+
+@pytest.mark.parametrize('kw', CASES, ids=[str(c) for c in CASES])
+def test_loss_options_match_float64_reference(kw):
+    "Value and gradient against F.cross_entropy in float64 with the guarded columns deleted; targets equal to ignore_index (-100 by default) ignored"
+    torch.manual_seed(0)
+    V = 23
+    kw = dict(kw)
+    if kw.get('weight'): kw['weight'] = torch.rand(V, dtype=torch.float64) + .2
+    x = torch.randn(3, 9, V, dtype=torch.float64) * 3
+    t = torch.randint(0, V, (3, 9)); t[0, :2] = kw.get('ignore_index', -100); t[1, 0] = 1; t[2, 3] = 5; t[2, 4] = 22
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lf = PadCrossEntropyLossFlat(1, extra_idxs=[22], **kw)
+    l1 = lf(x1, t); l2 = reference_full(x2, t, {1, 22}, **kw)
+    assert l1.dtype == torch.float64
+    assert (l1 - l2).abs().max().item() <= 1e-10 * max(1, l2.abs().max().item())
+    (l1.sum() if l1.dim() else l1).backward(); (l2.sum() if l2.dim() else l2).backward()
+    assert torch.equal(x1.grad[..., [1, 22]], torch.zeros(3, 9, 2, dtype=torch.float64))
+    assert (x1.grad - x2.grad).abs().max().item() <= 1e-12
+    assert torch.equal(x1.detach(), x)
+
+HEADS = {'log_softmax': lambda h: torch.log_softmax(h, -1), 'sigmoid': torch.sigmoid, 'tanh': torch.tanh, 'exp': torch.exp, 'relu': torch.relu}
+
+@pytest.mark.parametrize('head', list(HEADS))
+def test_heads_that_save_their_output(head):
+    "Where plain cross-entropy works, the pad-aware loss works too, with the reference's gradient"
+    torch.manual_seed(1)
+    h = torch.randn(4, 6, 17, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(2, 16, (4, 6))
+    g1, = torch.autograd.grad(PadCrossEntropyLossFlat(1, extra_idxs=[16])(HEADS[head](h), t), h)
+    g2, = torch.autograd.grad(reference_full(HEADS[head](h), t, {1, 16}), h)
+    assert (g1 - g2).abs().max().item() <= 1e-12
+
+class Head(nn.Module):
+    def __init__(self, act): super().__init__(); self.lin, self.act = nn.Linear(8, 17).double(), act
+    def forward(self, x): return self.act(self.lin(x))
+
+@pytest.mark.slow
+@pytest.mark.parametrize('head', ['log_softmax', 'tanh'])
+@pytest.mark.parametrize('what', ['model.compile()', 'torch.compile(loss)'])
+def test_compiled(head, what):
+    "A compiled model whose last op saves its output, and a compiled loss: the reference's gradient"
+    torch.manual_seed(2)
+    m = Head(HEADS[head]); x = torch.randn(12, 8, dtype=torch.float64); t = torch.randint(2, 16, (12,))
+    lf = PadCrossEntropyLossFlat(1, extra_idxs=[16])
+    loss = lf
+    if what == 'model.compile()': m.compile()
+    else: loss = torch.compile(lambda o, t: lf(o, t))
+    out = loss(m(x), t); out.backward()
+    g1 = m.lin.weight.grad.clone(); m.zero_grad()
+    ref = Head(HEADS[head]); ref.load_state_dict({k.replace('_orig_mod.', ''): v for k,v in m.state_dict().items()})
+    reference_full(ref(x), t, {1, 16}).backward()
+    assert abs(out.item() - reference_full(ref(x), t, {1, 16}).item()) <= 1e-10
+    assert (g1 - ref.lin.weight.grad).abs().max().item() <= 1e-12
+
+def test_padguard_carries_the_loss_over(lm):
+    learn = lm()
+    learn.loss_func = CrossEntropyLossFlat(ignore_index=12, reduction='sum', weight=torch.ones(32), label_smoothing=0.1)
+    learn.padguard()
+    lf = learn.loss_func
+    assert isinstance(lf, PadCrossEntropyLossFlat)
+    assert (lf.ignore_index, lf.reduction, lf.label_smoothing) == (12, 'sum', 0.1) and torch.equal(lf.weight, torch.ones(32))
+    learn.fit(1, 1e-2)
+
+def test_padguard_leaves_a_loss_it_cannot_carry_and_says_so(lm):
+    learn = lm()
+    learn.loss_func = LabelSmoothingCrossEntropyFlat()
+    with pytest.warns(UserWarning, match='left the loss'): learn.padguard()
+    assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat)
+    assert 'left the loss' in repr(learn.pad_guard)
+    with pytest.raises(ValueError, match="can't carry over the loss"): learn.padguard(loss=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        learn.padguard(loss=False)   # no note when the user said so
+    assert 'left the loss' not in repr(learn.pad_guard)
+
+def test_untied_lm_gets_the_loss_and_its_decoder_guarded(lm, lm_dls):
+    learn = lm(wd=0.1, config=small_lm_config(tie_weights=False)).padguard()
+    assert isinstance(learn.loss_func, PadCrossEntropyLossFlat)
+    assert learn.model[1].decoder.weight is not learn.model[0].encoder.weight
+    rows = guarded_rows_of(lm_dls.vocab)
+    learn.fit(1, 1e-2)
+    for p in (learn.model[0].encoder.weight, learn.model[1].decoder.weight):
+        assert torch.equal(p.detach()[rows], torch.zeros(len(rows), p.shape[1]))

@@ -4,6 +4,7 @@ import torch, pytest
 from fastai.text.all import *
 from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai_padguard.all import *
+from fastai_padguard.data import *
 from conftest import guarded_rows_of, cuda
 
 class RowsCheck(Callback):
@@ -201,7 +202,7 @@ MISUSE = [
     ("mode", lambda d: PadGuard(mode='zeros'), ValueError, "mode='zeros' is not one of 'zero'"),
     ("negative pad_idx", lambda d: PadGuard(pad_idx=-1), ValueError, "pad_idx=-1 is negative"),
     ("pad_idx past the vocab", lambda d: language_model_learner(d, AWD_LSTM, config=small_lm_config(), pretrained=False).padguard(pad_idx=99), ValueError, "pad_idx=99 is out of range for a vocab of 32"),
-    ("no embedding", lambda d: Learner(d, nn.Linear(16, 32), loss_func=CrossEntropyLossFlat()).padguard(), ValueError, "No nn.Embedding"),
+    ("no embedding", lambda d: Learner(d, nn.Linear(16, 32), loss_func=CrossEntropyLossFlat()).padguard(), ValueError, "No token embedding"),
     ("no vocab, no padding_idx", lambda d: Learner(DataLoaders.from_dsets([(torch.zeros(4).long(),)*2]*8, [(torch.zeros(4).long(),)*2]*2, bs=4), nn.Embedding(5, 3), loss_func=CrossEntropyLossFlat()).padguard(), ValueError, "Can't tell the pad index"),
     ("vocab 'xxpad' != padding_idx", lambda d: language_model_learner(d, AWD_LSTM, config=small_lm_config(pad_token=0), pretrained=False).padguard(), ValueError, "pad index is 1 but embedding '0.encoder' was built with padding_idx=0"),
     ("extra_idxs out of range", lambda d: language_model_learner(d, AWD_LSTM, config=small_lm_config(), pretrained=False).padguard(extra_idxs=[40]), ValueError, "Row 40 is out of range"),
@@ -253,7 +254,7 @@ def test_cuda_no_sync_short_fit():
     learn = language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False, wd=0.1, default_cbs=False).padguard()
     learn.fit(1, 1e-2)  # warm-up: once-per-fit work happens here
     torch.cuda.synchronize()
-    learn.pad_guard.before_fit()
+    learn.pad_guard.before_fit(); learn.pad_guard.before_train()
     xb, yb = dls.one_batch()
     learn.model.train()
     torch.cuda.set_sync_debug_mode('error')
@@ -267,3 +268,39 @@ def test_cuda_no_sync_short_fit():
             learn.opt.step(); learn.pad_guard.after_step(); learn.opt.zero_grad()
     finally: torch.cuda.set_sync_debug_mode(0)
     learn.pad_guard.after_fit()
+
+class Overflow(Callback):
+    "Put an inf into a gradient every third step, after the guard zeroed its rows: GradScaler then skips that step"
+    order = 13
+    def __init__(self): self.n = 0
+    def after_backward(self):
+        self.n += 1
+        if self.n % 3 == 0: self.learn.model[0].rnns[0].weight_hh_l0_raw.grad[0, 0] = float('inf')
+
+@cuda
+@pytest.mark.parametrize('mode', ['zero', 'freeze'])
+def test_cuda_fp16_skipped_steps_keep_rows_exact(lm_dls, mode):
+    "to_fp16(): steps that GradScaler skips on overflow (fastai cancels them) keep the rows exact too"
+    dls = protein_lm_dls(n=300, bs=16, seq_len=16, device='cuda')
+    learn = language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False, wd=0.1).padguard(mode=mode).to_fp16()
+    learn.remove_cb(ProgressCallback); learn.logger = noop
+    chk = RowsCheck(guarded_rows_of(dls.vocab), mode); learn.add_cb(chk)
+    learn.fit(1, 1e-2, cbs=Overflow())
+    n = len(dls.train)
+    assert len(chk.ok) == n + 1 and all(chk.ok)
+    assert len(learn.mixed_precision.scales) <= n - n//3, "GradScaler skipped the overflowing steps"
+
+@cuda
+def test_cuda_compiled_model_with_guard():
+    "A torch.compile'd model (module.compile()) trains with padguard(): rows exact, loss swapped"
+    from test_models import NanoGPT
+    dls = protein_lm_dls(n=200, bs=16, seq_len=16, device='cuda')
+    n = len(dls.vocab)
+    m = NanoGPT(n, n).cuda(); m.compile()
+    learn = Learner(dls, m, loss_func=CrossEntropyLossFlat(), wd=0.1).padguard()
+    learn.remove_cb(ProgressCallback); learn.logger = noop
+    rows = guarded_rows_of(dls.vocab)
+    learn.fit(1, 1e-2)
+    w = m.transformer.wte.weight.detach()
+    assert torch.equal(w[rows], torch.zeros(len(rows), w.shape[1], device='cuda'))
+    assert isinstance(learn.loss_func, PadCrossEntropyLossFlat)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks behind README's CUDA figures: the CUDA tests, the model families on CUDA, the benchmarks at ULMFiT size and
+# at a 250k vocab, and the sync-debug run (inside bench/step.py). Usage: OUT=some/dir bash bench/cuda_checks.sh
+set -u
+OUT=${OUT:-bench/_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+py=${PYTHON:-python3}
+{ nvidia-smi -L; $py -c "import sys, torch, fastai, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'fastai', fastai.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/gpu.txt"
+timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests/test_robust.py -k cuda 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
+PADGUARD_DEVICE=cuda timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_models.py 2>&1 | tail -15 | tee "$OUT/cuda_models.txt"
+timeout 200 $py bench/step.py --device cuda --reps 10 --steps 5 --json "$OUT/results-cuda.json" 2>&1 | tee "$OUT/step-cuda.txt"
+timeout 90 $py bench/loss.py --device cuda --reps 20 2>&1 | tee "$OUT/loss-cuda.txt"
+timeout 90 $py bench/loss.py --device cuda --reps 20 --vocab 250000 2>&1 | tee -a "$OUT/loss-cuda.txt"
+timeout 200 $py bench/step.py --device cuda --reps 10 --steps 5 --vocab 250000 --json "$OUT/results-cuda-250k.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
