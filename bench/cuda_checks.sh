@@ -6,7 +6,7 @@ OUT=${OUT:-bench/_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 py=${PYTHON:-python3}
 { nvidia-smi -L; $py -c "import sys, torch, fastai, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'fastai', fastai.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/gpu.txt"
-timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests/test_robust.py -k cuda 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
+timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests/test_robust.py -k cuda > "$OUT/cuda_tests.txt" 2>&1; tail -40 "$OUT/cuda_tests.txt"
 PADGUARD_DEVICE=cuda timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_models.py 2>&1 | tail -15 | tee "$OUT/cuda_models.txt"
 timeout 200 $py bench/step.py --device cuda --reps 10 --steps 5 --json "$OUT/results-cuda.json" 2>&1 | tee "$OUT/step-cuda.txt"
 timeout 90 $py bench/loss.py --device cuda --reps 20 2>&1 | tee "$OUT/loss-cuda.txt"

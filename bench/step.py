@@ -62,14 +62,20 @@ class SyncDebug(Callback):
         torch.cuda.set_sync_debug_mode(0)
         self._w.__exit__(None, None, None)
         self.steps += 1
-        self.syncs += [f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}" for w in self._rec if 'synchroniz' in str(w.message)]
+        self.syncs += [f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}" for w in self._rec if 'synchronizing' in str(w.message)]
+
+class ItemPerStep(Callback):
+    "The control: a callback that syncs once per step, as `.item()` does"
+    order = 50
+    def after_backward(self): self.learn.loss_grad.item()
 
 def sync_debug(learn, n=20):
-    "`n` training steps of `learn` under CUDA's sync debugger; the synchronizing calls seen, by place"
-    cb = SyncDebug()
+    "`n` training steps of `learn` under CUDA's sync debugger, the synchronizing calls seen by place; and a control step that syncs"
+    cb, ctl = SyncDebug(), SyncDebug()
     torch.cuda.synchronize()
     while cb.steps < n: learn.fit(1, 1e-3, cbs=cb)
-    return {'steps': cb.steps, 'syncs': sorted(set(cb.syncs)), 'n_syncs': len(cb.syncs)}
+    learn.fit(1, 1e-3, cbs=[ctl, ItemPerStep()])
+    return {'steps': cb.steps, 'syncs': sorted(set(cb.syncs)), 'n_syncs': len(cb.syncs), 'control_syncs': len(ctl.syncs)}
 
 def make(args):
     "Model, data and one learner per variant (sharing the model's initial weights)"
@@ -121,7 +127,8 @@ def markdown(res)->str:
         lines.append(f"| {v} | {t} | {d['ratio']:.3f}x | {d['min_ratio']:.3f}-{d['max_ratio']:.3f} | {mem} |")
     sd = res.get('sync_debug')
     if sd: lines += ['', f"`padguard()` under `torch.cuda.set_sync_debug_mode('warn')`, {sd['steps']} training steps: "
-                         f"{sd['n_syncs']} synchronizing calls" + (': ' + '; '.join(f'`{x}`' for x in sd['syncs']) if sd['syncs'] else '.')]
+                         f"{sd['n_syncs']} synchronizing calls" + (': ' + '; '.join(f'`{x}`' for x in sd['syncs']) if sd['syncs'] else '') +
+                         (f" (the control, one `.item()` per step, is seen {sd['control_syncs']} times)" if 'control_syncs' in sd else '') + '.']
     return '\n'.join(lines)
 
 def main():
@@ -133,6 +140,7 @@ def main():
     p.add_argument('--reps', type=int, default=4); p.add_argument('--steps', type=int, default=3)
     p.add_argument('--quick', action='store_true', help='tiny sizes: checks the script runs, says nothing about speed')
     p.add_argument('--no-memory', action='store_true'); p.add_argument('--json', default=None)
+    p.add_argument('--sync-only', action='store_true', help="only the run under CUDA's sync debugger")
     p.add_argument('--_memory', default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick: args.vocab, args.emb, args.hid, args.layers, args.bs, args.seq_len, args.reps, args.steps = 512, 16, 32, 2, 4, 8, 2, 2
@@ -144,6 +152,7 @@ def main():
         # peak during a training step (the first one, which also builds optimizer state, left out when there are more)
         peak = max(t.peaks[1:] or t.peaks) if t.peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024
         print(json.dumps({'peak_bytes': peak})); return
+    if args.sync_only: return print(json.dumps(sync_debug(learner(VARIANTS[2], dls, cfg, state, args))))
     learns = {v: learner(v, dls, cfg, state, args) for v in VARIANTS}
     times = {v: [] for v in VARIANTS}
     for v in VARIANTS: run_steps(learns[v], StepTimer(cuda))   # warm-up: allocator, optimizer state, caches
@@ -181,7 +190,7 @@ def main():
     print(f"PadGuard's own work per step (after_backward + after_step): {guard_us:.0f} us, {res['guard_events_share']*100:.4f}% of a plain step")
     if sync is not None:
         print(f"padguard() under torch.cuda.set_sync_debug_mode('warn'), {sync['steps']} training steps: {sync['n_syncs']} synchronizing calls"
-              + ''.join(f"\n  {l}" for l in sync['syncs']))
+              + ''.join(f"\n  {l}" for l in sync['syncs']) + f" (control, with one .item() per step: {sync['control_syncs']} seen)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))
