@@ -252,6 +252,7 @@ def test_cuda_no_sync_short_fit():
     "A short LM fit with guard and loss under torch.cuda.set_sync_debug_mode('error'), progress bar and recorder off"
     dls = protein_lm_dls(n=300, bs=16, seq_len=16, device='cuda')
     learn = language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False, wd=0.1, default_cbs=False).padguard()
+    learn.model.cuda()  # without default_cbs, no TrainEvalCallback moves it
     learn.fit(1, 1e-2)  # warm-up: once-per-fit work happens here
     torch.cuda.synchronize()
     learn.pad_guard.before_fit(); learn.pad_guard.before_train()
