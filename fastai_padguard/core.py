@@ -29,7 +29,9 @@ class PadGuard(Callback):
         self.mode,self.extra_idxs,self.emb = mode,_check_extra_idxs(extra_idxs),emb
         self._ps,self.loss_note = None,None
 
-    def resolve(self, check_loss:bool=True)->Guarded:
+    def resolve(self,
+        check_loss:bool=True, # Also check that a `PadCrossEntropyLossFlat` on the learner has the same pad index
+    )->Guarded:
         "What is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
         g = find_guarded(self.learn.model, _learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb)
         lpad = getattr(self.learn.loss_func, 'pad_idx', None)

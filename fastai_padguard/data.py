@@ -1,4 +1,4 @@
-"""Protein-like sequences made in code, tokenized one residue per token: the seed thread's setting, with nothing downloaded.
+"""Protein-like sequences made in code, tokenized one residue per token: the setting of the forum question the tutorial replays, with nothing downloaded.
 
 Docs: https://fastai-padguard.github.io/fastai-padguard/data.html.md"""
 
@@ -29,12 +29,12 @@ def protein_seqs(n:int, min_len:int=20, max_len:int=60, seed:int=0, bias:str|Non
         res.append(''.join(s))
     return res
 
-# %% ../nbs/00_data.ipynb #c010
+# %% ../nbs/00_data.ipynb #c009
 class CharTokenizer:
     "Split each text into its characters"
     def __call__(self, items): return (list(t) for t in items)
 
-# %% ../nbs/00_data.ipynb #c013
+# %% ../nbs/00_data.ipynb #c011
 def _text_block(is_lm, seq_len): return TextBlock.from_df('text', is_lm=is_lm, seq_len=seq_len, tok=CharTokenizer(), rules=[], n_workers=0, min_freq=1)
 
 def protein_lm_dls(n:int=400, bs:int=16, seq_len:int=16, valid_pct:float=0.2, seed:int=0, **kwargs)->DataLoaders:
@@ -44,7 +44,7 @@ def protein_lm_dls(n:int=400, bs:int=16, seq_len:int=16, valid_pct:float=0.2, se
     dblock = DataBlock(blocks=_text_block(True, seq_len), get_x=ColReader('text'), splitter=ColSplitter('is_valid'))
     return dblock.dataloaders(df, bs=bs, seq_len=seq_len, num_workers=0, **kwargs)
 
-# %% ../nbs/00_data.ipynb #c016
+# %% ../nbs/00_data.ipynb #c013
 def protein_clas_dls(n:int=200, bs:int=16, valid_pct:float=0.2, seed:int=0, vocab=None, **kwargs)->DataLoaders:
     "Classifier `DataLoaders`: half the sequences lean hydrophobic (label `'hydrophobic'`), half don't (`'polar'`)"
     df = pd.DataFrame({'text': protein_seqs(n//2, seed=seed, bias=HYDROPHOBIC) + protein_seqs(n-n//2, seed=seed+1, bias='DEKRHNQST'),
@@ -55,7 +55,7 @@ def protein_clas_dls(n:int=200, bs:int=16, valid_pct:float=0.2, seed:int=0, voca
     dblock = DataBlock(blocks=(tb, CategoryBlock), get_x=ColReader('text'), get_y=ColReader('label'), splitter=ColSplitter('is_valid'))
     return dblock.dataloaders(df, bs=bs, num_workers=0, **kwargs)
 
-# %% ../nbs/00_data.ipynb #c020
+# %% ../nbs/00_data.ipynb #c016
 def small_lm_config(emb_sz:int=32, n_hid:int=64, n_layers:int=2, **kwargs)->dict:
     "fastai's `awd_lstm_lm_config` at a size that trains in seconds on a CPU"
     return {**awd_lstm_lm_config, 'emb_sz':emb_sz, 'n_hid':n_hid, 'n_layers':n_layers, **kwargs}

@@ -1,4 +1,4 @@
-"""`python -m fastai_padguard.demo`: the seed thread's experiment, plain fastai next to `padguard()`, as a table.
+"""`python -m fastai_padguard.demo`: the tutorial's experiment, plain fastai next to `padguard()`, as a table.
 
 Docs: https://fastai-padguard.github.io/fastai-padguard/demo.html.md"""
 
@@ -18,7 +18,7 @@ __all__ = ['drift_run', 'demo', 'main']
 
 # %% ../nbs/06_demo.ipynb #c005
 def drift_run(guard:bool, n:int=1000, bs:int=32, seq_len:int=32, seed:int=0)->dict:
-    "Train the seed's tied AWD-LSTM LM once, with or without `padguard()`; return pad/`xxfake` drift and validation loss"
+    "Train the tutorial's tied AWD-LSTM LM once, with or without `padguard()`; return pad/`xxfake` drift and validation loss"
     with patch_weight_dropout(): return _drift_run(guard, n, bs, seq_len, seed)
 
 def _drift_run(guard, n, bs, seq_len, seed):
@@ -40,7 +40,7 @@ def demo(**kwargs)->pd.DataFrame:
     "`drift_run` without and with `padguard()`, as a table"
     return pd.DataFrame({'plain fastai': drift_run(False, **kwargs), 'learn.padguard()': drift_run(True, **kwargs)}).T
 
-# %% ../nbs/06_demo.ipynb #c008
+# %% ../nbs/06_demo.ipynb #c006
 @call_parse
 def main(n:int=1000, # Number of generated sequences
          bs:int=32, # Batch size

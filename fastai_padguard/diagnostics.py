@@ -34,7 +34,7 @@ class PadAudit:
         rs = self.rows(); w = max(len(k) for k,_ in rs)
         return '\n'.join(f"{k:<{w}}  {v}" for k,v in rs)
 
-# %% ../nbs/04_diagnostics.ipynb #c008
+# %% ../nbs/04_diagnostics.ipynb #c007
 def _side_counts(x, pad):
     "Pad tokens before the first and after the last non-pad token of each row of `x`"
     nonpad = x != pad
@@ -83,7 +83,7 @@ def pad_audit(dls, # Text `DataLoaders` (or one `DataLoader`) with a vocab
                    pad_side='none' if before+after==0 else 'first' if before >= after else 'last')
     return PadAudit(**res)
 
-# %% ../nbs/04_diagnostics.ipynb #c015
+# %% ../nbs/04_diagnostics.ipynb #c013
 class PadMonitor(Callback):
     "Record the max |change| of the pad row (and `idxs`) of the token embedding after every step"
     order = 13
@@ -101,8 +101,8 @@ class PadMonitor(Callback):
         g = find_guarded(self.learn.model, _learn_vocab(self.learn), getattr(guard, 'pad_idx', None), self.idxs, getattr(guard, 'emb', None))
         names,self._w,rows = g.targets[0]
         self.rows = (g.pad_idx,) + tuple(r for r in rows if r!=g.pad_idx) if g.pad_idx in rows else rows
-        toks = (_text_vocabs(_learn_vocab(self.learn)) or [None])[-1 if g.loss_rows else 0]
-        self.names = [toks[r] if toks and len(toks)==self._w.shape[0] else str(r) for r in self.rows]
+        toks = next((v for v in _text_vocabs(_learn_vocab(self.learn)) if len(v)==self._w.shape[0]), None)
+        self.names = [toks[r] if toks else str(r) for r in self.rows]
         self._i = _rows_on(self.rows, self._w.device)
         self._w0 = self._w.detach().index_select(0, self._i).clone()
         self._hist = []

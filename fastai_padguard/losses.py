@@ -9,6 +9,8 @@ from __future__ import annotations
 from fastai.basics import *
 from .rows import _rows_on, _check_idx, _check_extra_idxs
 from math import inf
+try: from torch.compiler import is_compiling as _compiling
+except ImportError: from torch._dynamo import is_compiling as _compiling  # torch < 2.3
 
 # %% auto #0
 __all__ = ['PadCrossEntropyLossFlat']
@@ -41,7 +43,9 @@ class PadCrossEntropyLossFlat(BaseLoss):
 
     def _contiguous(self, x):
         "Move `axis` last, keeping the dtype (`BaseLoss` would turn float64 into float32)"
-        return x.as_subclass(Tensor).transpose(self.axis,-1).contiguous() if isinstance(x, Tensor) else x
+        if not isinstance(x, Tensor): return x
+        if type(x) is not Tensor: x = x.as_subclass(Tensor)  # fastai's TensorBase: drop the subclass (plain tensors as they are)
+        return x.transpose(self.axis,-1).contiguous()
 
     def _mask(self, x:Tensor)->Tensor: return x.index_fill(self.axis, _rows_on(self.rows, x.device), -inf)
     def decodes(self, x:Tensor)->Tensor:
@@ -59,7 +63,7 @@ class _MaskedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, idx, ignore_index, weight, smoothing, reduction):
         half = x.dtype in (torch.float16, torch.bfloat16)
-        if half or not _MaskedCE.in_place or x.is_inference() or torch.compiler.is_compiling():
+        if half or not _MaskedCE.in_place or x.is_inference() or _compiling():
             lsm = torch.log_softmax(x.to(torch.float32 if half else x.dtype, copy=True).index_fill_(1, idx, -inf), 1)
         else:
             xd = x.data  # written and restored bitwise before anything reads it; `.data` leaves the version counter alone

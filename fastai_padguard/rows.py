@@ -111,7 +111,7 @@ def _text_vocabs(vocab)->list:
         if vocab is None or len(vocab)==0: return []
         if isinstance(vocab[0], str): return [list(vocab)]
         vs = [list(v) for v in vocab]
-    except TypeError: return []
+    except Exception: return []  # not a fastai vocab (a tokenizer's dict, say)
     return [v for v in vs if PAD in v] or vs[:1]
 
 def _learn_vocab(learn):
@@ -224,6 +224,7 @@ def _named_embs(model, emb, names)->list:
         if not isinstance(getattr(e, 'weight', None), Tensor) or e.weight.dim() != 2:
             raise ValueError(f"emb: module '{names[e]}' ({type(e).__name__}) has no 2-d weight: name the token embedding itself")
         res.append(e)
+    if not res: raise ValueError(f"emb={emb!r} names no embedding; pass the token embedding module, its dotted name, or a list of them")
     return res
 
 # %% ../nbs/01a_rows.ipynb #c012

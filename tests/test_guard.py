@@ -149,3 +149,21 @@ def test_failed_padguard_leaves_learner_as_it_was(lm):
     guard, lf = learn.pad_guard, learn.loss_func
     with pytest.raises(ValueError, match="'xxpad' is at index 1"): learn.padguard(pad_idx=0)
     assert [c for c in learn.cbs if isinstance(c, PadGuard)] == [guard] and learn.loss_func is lf
+
+@pytest.mark.parametrize('mode', ['zero', 'freeze'])
+def test_only_a_training_fit_changes_weights(lm, mode):
+    "validate, get_preds, predict and show_results run before_fit/after_fit but train nothing: every parameter bitwise as it was"
+    import matplotlib; matplotlib.use('Agg')
+    learn = lm(wd=0.1, metrics=accuracy, cbs=PadMonitor('fake')).padguard(mode=mode)
+    with torch.no_grad(): learn.model[0].encoder.weight[[1, 29]] = 0.0998   # a nonzero pad row, as after plain training
+    before = {n: p.detach().clone() for n,p in learn.model.named_parameters()}
+    learn.validate()
+    learn.get_preds(reorder=False)
+    learn.predict('MKV', n_words=5, no_bar=True)
+    learn.show_results(max_n=2)
+    for n,p in learn.model.named_parameters(): assert torch.equal(p.detach(), before[n]), n
+    assert learn.pad_monitor.values is None, "the monitor recorded nothing outside training"
+    learn.fit(1, 1e-2)
+    w = learn.model[0].encoder.weight.detach()
+    assert torch.equal(w[[1, 29]], torch.zeros(2, 32) if mode=='zero' else before['0.encoder.weight'][[1, 29]])
+    assert learn.pad_monitor.values.shape[0] == len(learn.dls.train)

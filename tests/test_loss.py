@@ -223,11 +223,14 @@ def test_padguard_leaves_a_loss_it_cannot_carry_and_says_so(lm):
         learn.padguard(loss=False)   # no note when the user said so
     assert 'left the loss' not in repr(learn.pad_guard)
 
-def test_untied_lm_gets_the_loss_and_its_decoder_guarded(lm, lm_dls):
-    learn = lm(wd=0.1, config=small_lm_config(tie_weights=False)).padguard()
+@pytest.mark.parametrize('mode', ['zero', 'freeze'])
+def test_untied_lm_gets_the_loss_and_its_decoder_guarded(lm, lm_dls, mode):
+    learn = lm(wd=0.1, config=small_lm_config(tie_weights=False)).padguard(mode=mode)
     assert isinstance(learn.loss_func, PadCrossEntropyLossFlat)
-    assert learn.model[1].decoder.weight is not learn.model[0].encoder.weight
+    enc, dec = learn.model[0].encoder.weight, learn.model[1].decoder.weight
+    assert dec is not enc
     rows = guarded_rows_of(lm_dls.vocab)
+    before = [p.detach()[rows].clone() for p in (enc, dec, learn.model[1].decoder.bias)]
     learn.fit(1, 1e-2)
-    for p in (learn.model[0].encoder.weight, learn.model[1].decoder.weight):
-        assert torch.equal(p.detach()[rows], torch.zeros(len(rows), p.shape[1]))
+    for p, b in zip((enc, dec, learn.model[1].decoder.bias), before):
+        assert torch.equal(p.detach()[rows], torch.zeros_like(b) if mode=='zero' else b)

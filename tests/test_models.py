@@ -258,3 +258,15 @@ def test_unknown_embedding_names_emb():
     learn.padguard(pad_idx=0, emb='a')
     test_eq(learn.pad_guard.guarded, {'a.weight': (0,)})
     with pytest.raises(ValueError, match="not a module of the learner's model"): learn.padguard(pad_idx=0, emb=nn.Embedding(3, 3))
+
+def test_pad_idx_against_hf_config():
+    m = gpt2(True)
+    learn = Learner(token_dls(50, 50), m, loss_func=CrossEntropyLossFlat(), cbs=Logits())
+    with pytest.raises(ValueError, match="pad_idx=3 but the model's config.pad_token_id is 50"): learn.padguard(pad_idx=3)
+
+def test_embedding_matching_no_vocab_of_several():
+    src, tgt = ['xxunk','xxpad'] + list('abcdef'), ['xxunk','xxpad'] + list('ABCDEFGHIJ')
+    class M(nn.Module):
+        def __init__(self): super().__init__(); self.x = nn.Embedding(11, 4, padding_idx=1)
+    with pytest.raises(ValueError, match="can't be told which vocab it reads"): find_guarded(M(), [src, tgt], emb='x')
+    with pytest.raises(ValueError, match="emb="): find_guarded(M(), [src, tgt])

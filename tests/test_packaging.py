@@ -27,24 +27,28 @@ def test_version_is_single_sourced():
     assert pyproject()['tool']['setuptools']['dynamic']['version'] == {'attr': 'fastai_padguard.__version__'}
 
 def test_readme_is_index_notebook():
-    "README.md is nbs/index.ipynb as markdown (Quarto's nbdev-readme can't run here)"
-    out = subprocess.run([sys.executable, '-m', 'nbconvert', '--to', 'markdown', '--stdout', str(ROOT/'nbs'/'index.ipynb')],
-                         capture_output=True, text=True, check=True).stdout
-    assert out == (ROOT/'README.md').read_text(), \
-        "README.md is stale: run `jupyter nbconvert --to markdown --stdout nbs/index.ipynb > README.md`"
+    "README.md is the executed nbs/index.ipynb as nbdev publishes it, in markdown (Quarto's nbdev-readme can't run here)"
+    from readme import readme
+    assert readme() == (ROOT/'README.md').read_text(), "README.md is stale: run `python tests/readme.py`"
 
 def test_ci_runs_readme_commands():
     "`.ci/run` installs and tests exactly as README tells a new user"
     readme, ci = (ROOT/'README.md').read_text(), (ROOT/'.ci'/'run').read_text()
     for cmd in ['pip install -e ".[dev]"', 'python -m pytest']:
         assert cmd in readme and cmd in ci, cmd
+    assert 'pip install .' in readme, "the user install"
+    assert '../shared' not in readme and 'seed thread' not in readme
 
-def test_all_exports_public_api():
-    import fastai_padguard.all as a
-    for n in ['PadGuard', 'padguard', 'PadCrossEntropyLossFlat', 'patch_weight_dropout', 'protein_lm_dls']:
-        assert hasattr(a, n), n
+def test_all_exports_only_what_a_user_calls():
+    "`from fastai_padguard.all import *` adds exactly the user-facing names; helpers and example data stay in their modules"
+    ns = {}
+    exec('from fastai_padguard.all import *', ns)
+    assert sorted(k for k in ns if k != '__builtins__') == sorted(['PadGuard', 'padguard', 'PadCrossEntropyLossFlat', 'pad_audit',
+                                                                  'PadMonitor', 'patch_weight_dropout'])
     from fastai.learner import Learner
-    assert Learner.padguard is a.padguard
+    assert Learner.padguard is ns['padguard']
+    from fastai_padguard.data import protein_lm_dls   # the example data, importable from its module
+    from fastai_padguard.rows import find_guarded     # the resolver
 
 @pytest.mark.slow
 def test_wheel_builds_installs_and_imports(tmp_path):
@@ -63,3 +67,9 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     out = subprocess.run([str(py), '-c', 'import fastai_padguard, fastai_padguard.all as a; print(fastai_padguard.__file__, fastai_padguard.__version__, a.PadGuard)'],
                          check=True, capture_output=True, text=True, cwd=tmp_path).stdout
     assert str(venv_site) in out and 'PadGuard' in out
+
+def test_library_never_imports_transformers():
+    "transformers is a test-only dependency: the library tells Hugging Face models by their methods"
+    out = subprocess.run([sys.executable, '-c', 'import sys, fastai_padguard.all; print("transformers" in sys.modules)'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == 'False'

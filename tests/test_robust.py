@@ -192,6 +192,12 @@ def test_sparse_gradients_rejected_before_fit(lm_dls):
     learn = Learner(lm_dls, m, loss_func=CrossEntropyLossFlat())
     with pytest.raises(ValueError, match="sparse=True.*build it with sparse=False"): learn.padguard()
 
+class _TwoTables(nn.Module):
+    def __init__(self): super().__init__(); self.a, self.b = nn.Embedding(20, 4), nn.Embedding(20, 4)
+def _ids_dls():
+    x = torch.randint(0, 20, (32, 5))
+    return DataLoaders.from_dsets(list(zip(x, x)), list(zip(x, x)), bs=8)
+
 # The misuse table in nbs/08_robustness.ipynb lists these cases; each must fail before training with the value and the fix.
 def _with_loss(d, loss_func):
     learn = language_model_learner(d, AWD_LSTM, config=small_lm_config(), pretrained=False)
@@ -209,6 +215,9 @@ MISUSE = [
     ("extra_idxs not ints", lambda d: PadGuard(extra_idxs=['a']), TypeError, "extra_idxs item='a' is not an int"),
     ("loss pad != guard pad", lambda d: _with_loss(d, PadCrossEntropyLossFlat(0)), ValueError, "The loss ignores pad index 0 but the guard's pad index is 1"),
     ("embedding smaller than vocab", _bad_vocab_model, ValueError, "has 24 rows but the vocab has 32 tokens"),
+    ("can't tell the token embedding", lambda d: Learner(_ids_dls(), _TwoTables(), loss_func=CrossEntropyLossFlat()).padguard(pad_idx=0), ValueError, "Name it: learn.padguard(emb="),
+    ("emb names no module", lambda d: Learner(_ids_dls(), _TwoTables(), loss_func=CrossEntropyLossFlat()).padguard(pad_idx=0, emb='c'), ValueError, "emb='c': the model has no module of that name"),
+    ("label_smoothing out of range", lambda d: PadCrossEntropyLossFlat(1, label_smoothing=2), ValueError, "label_smoothing=2 is not between 0 and 1"),
 ]
 
 @pytest.mark.parametrize('case', MISUSE, ids=[m[0] for m in MISUSE])
