@@ -20,8 +20,8 @@ class PadGuard(Callback):
     def __init__(self,
         pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
         mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at the values they had when training started
-        extra_idxs=None, # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
-        emb=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
+        extra_idxs:str|list|None=None, # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
+        emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
     ):
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")

@@ -88,7 +88,7 @@ class PadMonitor(Callback):
     "Record the max |change| of the pad row (and `idxs`) of the token embedding after every step"
     order = 13
     def __init__(self,
-        idxs=None, # Other rows to record: 'fake' (the vocab's 'xxfake' rows) or a list of ints
+        idxs:str|list|None=None, # Other rows to record: 'fake' (the vocab's 'xxfake' rows) or a list of ints
     ):
         self.idxs = _check_extra_idxs(idxs)
         self.values,self.rows,self.names,self._hist = None,(),[],None

@@ -20,9 +20,9 @@ __all__ = ['padguard']
 def padguard(self:Learner,
     pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
     mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at their values when training starts
-    extra_idxs='fake', # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
+    extra_idxs:str|list|None='fake', # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
     loss:bool|None=None, # Swap in `PadCrossEntropyLossFlat`: None for a language model, True always, False never
-    emb=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
+    emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
 )->Learner:
     "Guard the pad (and `extra_idxs`) rows with `PadGuard` and, for a language model, leave them out of the loss's softmax"
     if loss not in (None, True, False): raise ValueError(f"loss={loss!r}: pass None (swap for a language model), True (always) or False (never)")

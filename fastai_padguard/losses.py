@@ -22,7 +22,7 @@ class PadCrossEntropyLossFlat(BaseLoss):
     def __init__(self,
         pad_idx:int, # Index of the pad token: never a target, never in the softmax
         *args,
-        extra_idxs=None, # Other indices left out the same way: a list of ints (`padguard()` passes the `xxfake` rows)
+        extra_idxs:list|None=None, # Other indices left out the same way: a list of ints (`padguard()` passes the `xxfake` rows)
         ignore_index:int=-100, # Targets equal to this are ignored too, as in `CrossEntropyLossFlat` (HF labels use -100)
         reduction:str='mean', # 'mean' (over the targets kept), 'sum' or 'none'
         weight:Tensor|None=None, # A weight per class, as in `nn.CrossEntropyLoss`

@@ -26,10 +26,10 @@ class Guarded:
 
 # %% ../nbs/01a_rows.ipynb #c006
 def find_guarded(model:nn.Module, # The model, possibly a wrapper around a Hugging Face model
-                 vocab=None, # fastai's `dls.vocab`: a token list, `[tokens, labels]` or `[source, target]`
+                 vocab:list|None=None, # fastai's `dls.vocab`: a token list, `[tokens, labels]` or `[source, target]`
                  pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad' or the HF config's `pad_token_id`
-                 extra_idxs=None, # Other rows to guard: 'fake' (each vocab's 'xxfake' rows) or a list of ints
-                 emb=None, # Token embedding(s) to guard: a module, its dotted name, or a list of them; found by default
+                 extra_idxs:str|list|None=None, # Other rows to guard: 'fake' (each vocab's 'xxfake' rows) or a list of ints
+                 emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name, or a list of them; found by default
                 )->Guarded:
     "Work out which parameters and rows of `model` are guarded; raises a `ValueError` that names the fix when it can't tell"
     extra = _check_extra_idxs(extra_idxs)
