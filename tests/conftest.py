@@ -1,5 +1,11 @@
 import os, warnings, pytest, torch
 warnings.filterwarnings('ignore', category=FutureWarning)
+import fastai
+from packaging.version import Version
+if Version(fastai.__version__) < Version('2.8') and Version(torch.__version__.split('+')[0]) >= Version('2.6'):
+    # fastai 2.7 saves checkpoints (and lr_find's) with pickled fastai objects that torch >= 2.6's weights_only default refuses;
+    # this is how a user of fastai 2.7 loads checkpoints they trust (README: supported versions). fastai 2.8 needs nothing.
+    os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from fastai.text.all import *
 from fastai_padguard.all import *
