@@ -42,7 +42,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around a Huggi
         pads = [_vocab_pad(v, pad_idx) for v in vocabs]
         vrows = [_rows(p, extra, v) for p,v in zip(pads, vocabs)]
         if embs is None: embs = _token_embs(model, names, vocabs, pads)
-        emb_rows = {e: _match(names[e], e.weight.shape[0], vocabs, pads, vrows, e) for e in embs}
+        emb_rows = {e: _match(names[e], e.weight.shape[0], vocabs, pads, vrows) for e in embs}
     else:
         pad = _model_pad(pad_idx, hf, model, embs)
         if embs is None: embs = _hf_embs(hf) if hf is not None else _padding_embs(model, names, pad)
@@ -228,7 +228,7 @@ def _named_embs(model, emb, names)->list:
     return res
 
 # %% ../nbs/01a_rows.ipynb #c012
-def _match(name, n, vocabs, pads, vrows, e=None)->tuple:
+def _match(name, n, vocabs, pads, vrows)->tuple:
     "`(pad, rows)` of the vocab that a layer with `n` rows reads or writes"
     ms = [i for i,v in enumerate(vocabs) if len(v)==n]
     if not ms and len(vocabs)==1:
