@@ -183,13 +183,15 @@ def _is_position(name:str)->bool:
     return last=='wpe' or last.startswith('pos') or 'position' in last or 'pos_' in last or last.endswith('_pos') or 'token_type' in last or 'segment' in last
 
 def _candidates(model, names):
-    return [m for m in model.modules() if isinstance(m, _EMB_TYPES) and not _is_position(names[m])]
+    "The model's embeddings that are not position tables; an error when it has none"
+    cands = [m for m in model.modules() if isinstance(m, _EMB_TYPES) and not _is_position(names[m])]
+    if not cands: raise ValueError(f"No token embedding (nn.Embedding or nn.EmbeddingBag, not a position table) in {type(model).__name__}: "
+                                   "PadGuard guards embedding rows, so the model needs one; name it with emb= if it has another type")
+    return cands
 
 def _token_embs(model, names, vocabs, pads)->list:
     "Embeddings with one row per token of a text vocab (or, with one vocab, built with its pad as `padding_idx`)"
     cands = _candidates(model, names)
-    if not cands: raise ValueError(f"No token embedding (nn.Embedding or nn.EmbeddingBag, not a position table) in {type(model).__name__}: "
-                                   "PadGuard guards embedding rows, so the model needs one; name it with emb= if it has another type")
     sizes = {len(v) for v in vocabs}
     res = [e for e in cands if e.weight.shape[0] in sizes or len(vocabs)==1 and e.padding_idx==pads[0]]
     if res: return res
@@ -204,8 +206,6 @@ def _token_embs(model, names, vocabs, pads)->list:
 def _padding_embs(model, names, pad)->list:
     "Without a vocab: the embeddings built with `padding_idx=pad`, or the model's only one"
     cands = _candidates(model, names)
-    if not cands: raise ValueError(f"No token embedding (nn.Embedding or nn.EmbeddingBag, not a position table) in {type(model).__name__}: "
-                                   "PadGuard guards embedding rows, so the model needs one; name it with emb= if it has another type")
     res = [e for e in cands if e.padding_idx==pad] or (cands if len(cands)==1 else [])
     if not res: raise ValueError(f"Can't tell which embedding holds the tokens: none of {[names[e] for e in cands]} has padding_idx={pad}. "
                                  "Name it: learn.padguard(emb='the.embedding') or PadGuard(emb=...)")
