@@ -7,37 +7,62 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/core.html.md"""
 # %% ../nbs/01_core.ipynb #c003
 from __future__ import annotations
 from fastai.basics import *
+from fastai.distributed import DistributedTrainer
 from .rows import *
-from .rows import _check_idx, _check_extra_idxs, _learn_vocab, _rows_on
+from .losses import PadCrossEntropyLossFlat
 
 # %% auto #0
-__all__ = ['PadGuard']
+__all__ = ['GuardedStep', 'pad_loss_rows', 'PadGuard']
 
 # %% ../nbs/01_core.ipynb #c004
+class GuardedStep:
+    "The optimizer's `step`, then the guard's write-back in `finally`: no event, exception or interrupt comes between them"
+    def __init__(self, step, guard, had:bool): store_attr()
+    def __call__(self, *args, **kwargs):
+        try: return self.step(*args, **kwargs)
+        finally: self.guard.write_back()
+
+def pad_loss_rows(lf, # The learner's loss
+                  g:Guarded, # What the guard found
+                  owned=None, # The loss `padguard()` built, whose rows always follow the guard's
+                 )->tuple|None:
+    "The columns a `PadCrossEntropyLossFlat` must leave out: the output layer's guarded rows; raises if a loss built by hand disagrees"
+    if not isinstance(lf, PadCrossEntropyLossFlat): return None
+    if g.loss_rows is None:
+        raise ValueError(f"The loss is {lf!r}, but no output layer of the model writes the token vocab (a classifier?), so there are no "
+                         "columns to leave out: use CrossEntropyLossFlat(), or learn.padguard(loss=False)")
+    if lf is owned or lf.extra_idxs=='fake' or (lf.pad_idx, lf.rows)==(g.pad_idx, g.loss_rows): return g.loss_rows
+    if lf.pad_idx != g.pad_idx:
+        raise ValueError(f"The loss ignores pad index {lf.pad_idx} but the guard's pad index is {g.pad_idx}; "
+                         f"build the loss with PadCrossEntropyLossFlat({g.pad_idx}) or call learn.padguard(loss=True)")
+    raise ValueError(f"The loss leaves out columns {list(lf.rows)} but the output layer's guarded rows are {list(g.loss_rows)}: build it with "
+                     f"PadCrossEntropyLossFlat({g.pad_idx}, extra_idxs={[r for r in g.loss_rows if r!=g.pad_idx]}), or call "
+                     "learn.padguard(loss=True), which sets them at every fit")
+
 class PadGuard(Callback):
-    "Keep the pad row (and `extra_idxs` rows) of token embeddings, output layers and their biases zeroed or frozen"
-    order = 12
+    "Keep the pad row (and `extra_idxs` rows) of token tables, output layers and their biases zeroed or frozen"
+    order = DistributedTrainer.order + 1  # 12: after DDP wraps the model, so the rows are found in the model that trains
     def __init__(self,
         pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
         mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at the values they had when training started
         extra_idxs:str|list|None=None, # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
-        emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
+        emb:nn.Module|str|list|None=None, # Token table(s) to guard: a module, its dotted name in the model, or a list; found by default
+        out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
     ):
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
-        self.pad_idx = None if pad_idx is None else _check_idx(pad_idx, 'pad_idx')
-        self.mode,self.extra_idxs,self.emb = mode,_check_extra_idxs(extra_idxs),emb
-        self._ps,self.loss_note = None,None
+        self.pad_idx = None if pad_idx is None else check_idx(pad_idx, 'pad_idx')
+        self.mode,self.extra_idxs,self.emb,self.out = mode,check_extra_idxs(extra_idxs),emb,out
+        self._ps,self._saved,self.resolution,self.loss,self.loss_note = None,None,None,None,None
 
     def resolve(self,
-        check_loss:bool=True, # Also check that a `PadCrossEntropyLossFlat` on the learner has the same pad index
+        batch:tuple|None=None, # `(xb, yb)` to find the rows from; by default one drawn from `learn.dls`, leaving it as it was
+        check_loss:bool=True, # Also check the learner's `PadCrossEntropyLossFlat` against what is found
     )->Guarded:
         "What is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
-        g = find_guarded(self.learn.model, _learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb)
-        lpad = getattr(self.learn.loss_func, 'pad_idx', None)
-        if check_loss and lpad is not None and lpad != g.pad_idx:
-            raise ValueError(f"The loss ignores pad index {lpad} but the guard's pad index is {g.pad_idx}; "
-                             f"build the loss with PadCrossEntropyLossFlat({g.pad_idx}) or call learn.padguard(loss=True)")
+        if batch is None: batch = learner_batch(self.learn)
+        g = find_guarded(self.learn.model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, self.learn)
+        if check_loss: pad_loss_rows(self.learn.loss_func, g, self.loss)
         return g
 
     @property
@@ -45,35 +70,69 @@ class PadGuard(Callback):
         "What is guarded in the learner's current model: `{parameter names: rows}`"
         return self.resolve().rows
 
-    def before_fit(self): self._ps = None
-    def before_train(self):
-        "At the first training epoch of a fit: find the targets, then zero (or snapshot) their rows"
-        if self._ps is not None: return
-        self._ps = [(p, _rows_on(r, p.device)) for _,p,r in self.resolve().targets]
-        if self.mode=='zero': self._restore()
-        else: self._saved = [p.detach().index_select(0, i) for p,i in self._ps]
+    def _one_guard(self):
+        others = [c for c in self.learn.cbs if isinstance(c, PadGuard) and c is not self]
+        if others: raise ValueError(f"This learner has {len(others)+1} PadGuards ({', '.join(f'{c.name} mode={c.mode!r}' for c in [self]+others)}); "
+                                    "one guard keeps all the rows: remove them with learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, PadGuard))), "
+                                    "then learn.padguard(...) or learn.add_cb(PadGuard(...)) once")
 
-    def _restore(self):
+    def before_fit(self):
+        self._one_guard()
+        self._ps = None
+
+    def before_batch(self):
+        "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch"
+        if self.training and self._ps is None: self._setup()
+
+    def _setup(self):
+        "Find the targets from this batch, give the loss its rows, zero (or keep aside) the rows, and wrap the optimizer's step"
+        self._one_guard()
+        g = self.resolve((self.xb, self.yb), check_loss=False)
+        rows = pad_loss_rows(self.learn.loss_func, g, self.loss)
+        if rows is not None: self.learn.loss_func.set_rows(g.pad_idx, rows)
+        ps = [(t.param, rows_on(t.rows, t.param.device)) for t in g.targets]
+        self._saved = [p.detach().index_select(0, i) for p,i in ps] if self.mode=='freeze' else None
+        self._ps,self.resolution = ps,g
+        self.write_back()
+        opt = self.learn.opt
+        cur = opt.__dict__.get('step')
+        if isinstance(cur, GuardedStep): cur.guard = self
+        else: opt.step = GuardedStep(opt.step, self, cur is not None)
+
+    def after_backward(self):
+        "Zero the guarded rows of every gradient, before any callback reads them (`GradientClip`, `MixedPrecision` in `before_step`)"
         if self._ps is None: return
+        for p,i in self._ps:
+            if p.grad is not None: p.grad.index_fill_(0, i, 0.)
+
+    def write_back(self):
+        "Set the guarded rows to 0 (or their kept values): run by the optimizer's step itself, and at the end of the fit"
+        if self._ps is None or self.learn is None: return
         with torch.no_grad():
             if self.mode=='zero':
                 for p,i in self._ps: p.index_fill_(0, i, 0.)
             else:
                 for (p,i),v in zip(self._ps, self._saved): p.index_copy_(0, i, v)
 
-    def after_backward(self):
-        for p,i in self._ps:
-            if p.grad is not None: p.grad.index_fill_(0, i, 0.)
-
-    def after_step(self): self._restore()
     def after_fit(self):
-        self._restore()
+        self.write_back()
+        opt = getattr(self.learn, 'opt', None)
+        cur = None if opt is None else opt.__dict__.get('step')
+        if isinstance(cur, GuardedStep):
+            if cur.had: opt.step = cur.step
+            else: del opt.step
         self._ps = self._saved = None
 
+    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None}
+
     def __repr__(self):
-        s = f"PadGuard(mode={self.mode!r}" + (f", emb={self.emb!r}" if self.emb is not None else '')
+        s = f"PadGuard(mode={self.mode!r}" + (f", emb={self.emb!r}" if self.emb is not None else '') + (f", out={self.out!r}" if self.out is not None else '')
         if self.learn is None: return s + f", pad_idx={self.pad_idx}, extra_idxs={self.extra_idxs!r})"
-        try: g = self.resolve()
+        try: g = self.resolve(check_loss=False)
         except Exception as e: return s + f")\n  nothing guarded: {e}"
-        s += f", pad_idx={g.pad_idx})" + ''.join(f"\n  {n}: rows {list(r)}" for n,r in g.rows.items())
+        s += f", pad_idx={g.pad_idx}) " + ('found from one batch' if g.evidence else 'found by names and sizes (no batch)')
+        s += ''.join(f"\n  {t!r}" for t in g.targets)
+        lf = self.learn.loss_func
+        pad_aware = isinstance(lf, PadCrossEntropyLossFlat) and g.loss_rows is not None
+        s += f"\n  loss: {f'leaves out columns {list(g.loss_rows)}' if pad_aware else f'{type(lf).__name__}, the pad logit stays in its softmax'}"
         return s + ''.join(f"\n  note: {n}" for n in g.notes + ([self.loss_note] if self.loss_note else []))

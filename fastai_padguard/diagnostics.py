@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastai.basics import *
 from fastai.text.data import LMDataLoader
 from fastprogress.fastprogress import progress_bar
-from .rows import find_guarded, _text_vocabs, _vocab_pad, _learn_vocab, _rows_on, _check_extra_idxs, _check_idx
+from .rows import *
 
 # %% auto #0
 __all__ = ['PadAudit', 'pad_audit', 'PadMonitor']
@@ -52,10 +52,10 @@ def pad_audit(dls, # Text `DataLoaders` (or one `DataLoader`) with a vocab
              )->PadAudit:
     "Scan `dls.train` once: pad in batches, tokens the LM loader drops per epoch, vocab rows never seen"
     dl = dls.train if hasattr(dls, 'train') else dls
-    vs = _text_vocabs(getattr(dls, 'vocab', None))
+    vs = text_vocabs(getattr(dls, 'vocab', None))
     if not vs: raise ValueError("pad_audit needs text DataLoaders with a vocab (fastai's TextBlock gives them one)")
     toks = vs[0]
-    pad = _vocab_pad(toks, None if pad_idx is None else _check_idx(pad_idx, 'pad_idx'))
+    pad = vocab_pad(toks, None if pad_idx is None else check_idx(pad_idx, 'pad_idx'))
     is_lm = isinstance(dl, LMDataLoader)
     n = len(dl) if max_batches is None else min(len(dl), max_batches)
     it = iter(dl)
@@ -85,29 +85,33 @@ def pad_audit(dls, # Text `DataLoaders` (or one `DataLoader`) with a vocab
 
 # %% ../nbs/04_diagnostics.ipynb #c013
 class PadMonitor(Callback):
-    "Record the max |change| of the pad row (and `idxs`) of the token embedding after every step"
-    order = 13
+    "Record the max |change| of the pad row (and `idxs`) of the token table after every step"
+    order = 13  # PadGuard.order + 1: at the first batch, the guard has found and zeroed the rows this one records
     def __init__(self,
         idxs:str|list|None=None, # Other rows to record: 'fake' (the vocab's 'xxfake' rows) or a list of ints
     ):
-        self.idxs = _check_extra_idxs(idxs)
+        self.idxs = check_extra_idxs(idxs)
         self.values,self.rows,self.names,self._hist = None,(),[],None
 
     def before_fit(self): self._hist = None
-    def before_train(self):
-        "At the first training epoch of a fit (after the guard's, order 12): the rows' starting values"
-        if self._hist is not None: return
+    def before_batch(self):
+        "At the first training batch of a fit: the guard's resolution (or, without a guard, one from this batch) and the rows' starting values"
+        if not self.training or self._hist is not None: return
         guard = getattr(self.learn, 'pad_guard', None)
-        g = find_guarded(self.learn.model, _learn_vocab(self.learn), getattr(guard, 'pad_idx', None), self.idxs, getattr(guard, 'emb', None))
-        names,self._w,rows = g.targets[0]
-        self.rows = (g.pad_idx,) + tuple(r for r in rows if r!=g.pad_idx) if g.pad_idx in rows else rows
-        toks = next((v for v in _text_vocabs(_learn_vocab(self.learn)) if len(v)==self._w.shape[0]), None)
+        g = getattr(guard, 'resolution', None)
+        if g is None: g = find_guarded(self.learn.model, learn_vocab(self.learn), batch=(self.xb, self.yb), learn=self.learn)
+        t = g.targets[0]
+        self._w = t.param
+        toks = next((v for v in text_vocabs(learn_vocab(self.learn)) if len(v)==self._w.shape[0]), None)
+        extra = [i for i,s in enumerate(toks or []) if s==FAKE] if self.idxs=='fake' else list(self.idxs or ())
+        self.rows = (g.pad_idx, *[r for r in extra if r != g.pad_idx])
         self.names = [toks[r] if toks else str(r) for r in self.rows]
-        self._i = _rows_on(self.rows, self._w.device)
+        self._i = rows_on(self.rows, self._w.device)
         self._w0 = self._w.detach().index_select(0, self._i).clone()
         self._hist = []
 
     def after_step(self):
+        if self._hist is None: return
         self._hist.append((self._w.detach().index_select(0, self._i) - self._w0).abs().amax(1))
 
     def after_fit(self):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from fastai.basics import *
 from .core import *
 from .losses import *
-from .losses import _PadCrossEntropy
 import warnings
 
 # %% auto #0
@@ -21,17 +20,22 @@ def padguard(self:Learner,
     pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
     mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at their values when training starts
     extra_idxs:str|list|None='fake', # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
-    loss:bool|None=None, # Swap in `PadCrossEntropyLossFlat`: None for a language model, True always, False never
-    emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name in the model, or a list of them; found by default
+    loss:bool|None=None, # Swap in `PadCrossEntropyLossFlat`: None when an output layer writes the vocab, True always (an error if none does), False never
+    emb:nn.Module|str|list|None=None, # Token table(s) to guard: a module, its dotted name in the model, or a list; found by default
+    out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
 )->Learner:
     "Guard the pad (and `extra_idxs`) rows with `PadGuard` and, for a language model, leave them out of the loss's softmax"
     if loss not in (None, True, False): raise ValueError(f"loss={loss!r}: pass None (swap for a language model), True (always) or False (never)")
-    cb = PadGuard(pad_idx, mode, extra_idxs, emb)
+    cb = PadGuard(pad_idx, mode, extra_idxs, emb, out)
     cb.learn = self
-    g = cb.resolve(check_loss=loss is not True)  # raises before the learner is touched
-    new_loss, note = _new_loss(self.loss_func, loss, g)
+    try:
+        g = cb.resolve(check_loss=False)  # raises before the learner is touched
+        old = getattr(self, 'pad_guard', None)
+        new_loss, note = _new_loss(self.loss_func, loss, g, getattr(old, 'loss', None))
+    finally: cb.learn = None
     self.remove_cbs(self.cbs.filter(lambda o: isinstance(o, PadGuard)))
     self.add_cb(cb)
+    if new_loss is not self.loss_func: cb.loss = new_loss  # the loss it built: its rows follow the guard's at every fit
     self.loss_func, cb.loss_note = new_loss, note
     for n in g.notes + ([note] if note else []): warnings.warn(n, stacklevel=2)
     return self
@@ -39,21 +43,19 @@ def padguard(self:Learner,
 padguard = Learner.padguard
 
 # %% ../nbs/03_learner.ipynb #c005
-def _new_loss(lf, loss, g):
-    "The loss `padguard` leaves on the learner, and a note when it could not swap one in"
-    rows = g.loss_rows
-    if rows is None and loss:
-        rs = {r for _,_,r in g.targets}
-        if len(rs) != 1: raise ValueError(f"loss=True, but the guarded layers have different rows {sorted(rs)}: can't tell which the loss's "
-                                          "columns are. Set learn.loss_func = PadCrossEntropyLossFlat(pad_idx, extra_idxs=[...]) yourself")
-        rows = rs.pop()
-    if loss is False or rows is None: return lf, None
-    extra = [r for r in rows if r != g.pad_idx]
-    if isinstance(lf, PadCrossEntropyLossFlat) and not loss:
-        if lf.extra_idxs=='fake': lf.func.extra_idxs = extra
+def _new_loss(lf, loss, g, owned):
+    "The loss `padguard` leaves on the learner (a new one when it swaps), and a note when it could not swap one in"
+    if loss is False: return lf, None
+    if g.loss_rows is None:
+        if loss: raise ValueError("loss=True, but no output layer of the model writes the token vocab (a classifier, or a model whose logits "
+                                  "are not a layer's output): there are no columns to leave out. Leave loss out, or name the layer with out=")
+        return lf, None
+    extra = [r for r in g.loss_rows if r != g.pad_idx]
+    if isinstance(lf, PadCrossEntropyLossFlat) and lf is not owned and not loss:
+        pad_loss_rows(lf, g)  # a loss built by hand: kept when it agrees, else an error that says how
         return lf, None
     func = getattr(lf, 'func', None)
-    if isinstance(lf, BaseLoss) and isinstance(func, (nn.CrossEntropyLoss, _PadCrossEntropy)):
+    if isinstance(lf, PadCrossEntropyLossFlat) or isinstance(lf, BaseLoss) and isinstance(func, nn.CrossEntropyLoss):
         kw = dict(ignore_index=func.ignore_index, reduction=func.reduction, weight=func.weight, label_smoothing=func.label_smoothing)
         return PadCrossEntropyLossFlat(g.pad_idx, extra_idxs=extra, axis=getattr(lf, 'axis', -1), **kw), None
     if loss: raise ValueError(f"loss=True, but padguard() can't carry over the loss {lf!r}: it carries over only CrossEntropyLossFlat's "

@@ -7,7 +7,8 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/losses.html.md"""
 # %% ../nbs/02_losses.ipynb #c003
 from __future__ import annotations
 from fastai.basics import *
-from .rows import _rows_on, _check_idx, _check_extra_idxs
+from .rows import rows_on, check_idx, check_extra_idxs
+import itertools
 from math import inf
 try: from torch.compiler import is_compiling as _compiling
 except ImportError: from torch._dynamo import is_compiling as _compiling  # torch < 2.3
@@ -47,7 +48,14 @@ class PadCrossEntropyLossFlat(BaseLoss):
         if type(x) is not Tensor: x = x.as_subclass(Tensor)  # fastai's TensorBase: drop the subclass (plain tensors as they are)
         return x.transpose(self.axis,-1).contiguous()
 
-    def _mask(self, x:Tensor)->Tensor: return x.index_fill(self.axis, _rows_on(self.rows, x.device), -inf)
+    def set_rows(self,
+        pad_idx:int, # The pad index
+        rows:tuple, # Every column to leave out, the pad's included
+    ):
+        "Leave out exactly `rows`: `PadGuard` sets them from the output layer's guarded rows at every fit"
+        self.func.set_rows(pad_idx, rows)
+
+    def _mask(self, x:Tensor)->Tensor: return x.index_fill(self.axis, rows_on(self.rows, x.device), -inf)
     def decodes(self, x:Tensor)->Tensor:
         "Most likely class, never a left-out one"
         return self._mask(x).argmax(dim=self.axis)
@@ -61,7 +69,7 @@ class _MaskedCE(torch.autograd.Function):
     "Cross-entropy of `x` `(N, C)` with columns `idx` out of the softmax and out of the targets"
     in_place = True  # mask the logits in place and restore them (False: mask a copy; `bench/loss.py` compares the two)
     @staticmethod
-    def forward(ctx, x, t, idx, ignore_index, weight, smoothing, reduction):
+    def forward(ctx, x, t, idx, fill, ignore_index, weight, smoothing, reduction):
         half = x.dtype in (torch.float16, torch.bfloat16)
         if half or not _MaskedCE.in_place or x.is_inference() or _compiling():
             lsm = torch.log_softmax(x.to(torch.float32 if half else x.dtype, copy=True).index_fill_(1, idx, -inf), 1)
@@ -72,7 +80,7 @@ class _MaskedCE(torch.autograd.Function):
             try: lsm = torch.log_softmax(xd, 1)
             finally: xd.index_copy_(1, idx, kept)
         keep = (t != ignore_index) & (t[:,None] != idx).all(1)
-        ts = torch.where(keep, t, 0)
+        ts = torch.where(keep, t, fill)  # a kept column: gathering a left-out one would give 0 * inf = nan
         nll = lsm.gather(1, ts[:,None]).squeeze(1).neg_()
         wt = keep.to(lsm.dtype) if weight is None else torch.where(keep, weight.to(lsm.dtype)[ts], 0)
         loss = (1-smoothing) * wt * nll
@@ -107,7 +115,7 @@ class _MaskedCE(torch.autograd.Function):
         p.mul_((a*gs)[:,None])
         p.scatter_add_(1, ts[:,None], (b*gs).neg_()[:,None])
         if c is not None: p.addr_(c*gs, wk, alpha=-1)
-        return p.to(ctx.dtype), None, None, None, None, None, None
+        return p.to(ctx.dtype), None, None, None, None, None, None, None
 
 # %% ../nbs/02_losses.ipynb #c008
 class _PadCrossEntropy(nn.Module):
@@ -116,7 +124,7 @@ class _PadCrossEntropy(nn.Module):
         super().__init__()
         if reduction not in ('mean','sum','none'): raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
         if not 0 <= label_smoothing <= 1: raise ValueError(f"label_smoothing={label_smoothing} is not between 0 and 1")
-        self.pad_idx,self.reduction,self.ignore_index,self.label_smoothing = _check_idx(pad_idx, 'pad_idx'),reduction,int(ignore_index),float(label_smoothing)
+        self.pad_idx,self.reduction,self.ignore_index,self.label_smoothing = check_idx(pad_idx, 'pad_idx'),reduction,int(ignore_index),float(label_smoothing)
         self.weight,self._w = (None if weight is None else torch.as_tensor(weight).detach()),{}
         self.extra_idxs = extra_idxs
 
@@ -125,8 +133,20 @@ class _PadCrossEntropy(nn.Module):
     @extra_idxs.setter
     def extra_idxs(self, v):
         "Set the other left-out columns; the sorted rows are worked out here, once, not per batch"
-        self._extra = _check_extra_idxs(v)
-        self._rows = None if self._extra=='fake' else tuple(sorted({self.pad_idx, *(self._extra or ())}))
+        self._extra = check_extra_idxs(v)
+        self._set(None if self._extra=='fake' else tuple(sorted({self.pad_idx, *(self._extra or ())})))
+
+    def _set(self, rows):
+        "Keep the sorted left-out `rows` and the first kept column (where ignored targets are read from), worked out once"
+        self._rows = rows
+        self._fill = None if rows is None else next(i for i in itertools.count() if i not in rows)
+
+    def set_rows(self, pad_idx:int, rows:tuple):
+        "Leave out exactly `rows` and `pad_idx` (`extra_idxs='fake'` stays, to follow the guard's rows at every fit)"
+        self.pad_idx = check_idx(pad_idx, 'pad_idx')
+        rows = tuple(sorted({self.pad_idx, *rows}))
+        if self._extra != 'fake': self._extra = tuple(r for r in rows if r != self.pad_idx)
+        self._set(rows)
 
     @property
     def rows(self)->tuple:
@@ -142,7 +162,7 @@ class _PadCrossEntropy(nn.Module):
         return self._w[device]
 
     def forward(self, inp:Tensor, targ:Tensor)->Tensor:
-        return _MaskedCE.apply(inp, targ, _rows_on(self.rows, inp.device), self.ignore_index, self._weight(inp.device),
+        return _MaskedCE.apply(inp, targ, rows_on(self.rows, inp.device), self._fill, self.ignore_index, self._weight(inp.device),
                                self.label_smoothing, self.reduction)
 
     def __getstate__(self): return {**self.__dict__, '_w': {}}

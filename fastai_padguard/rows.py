@@ -1,4 +1,4 @@
-"""One resolver decides, for a model and its data, which parameters hold rows that must not learn and which rows those are: token embeddings, the output layer of a language model (tied or not) and its bias. Position tables and classifier heads never.
+"""One resolver decides which parameters hold token rows and which of their rows are guarded: the tables a batch's token ids index, the output layer whose result the loss scores (tied or not, with its bias). Read from what the model does with one batch, not from names. Position tables and classifier heads never.
 
 Docs: https://fastai-padguard.github.io/fastai-padguard/rows.html.md"""
 
@@ -9,74 +9,89 @@ from __future__ import annotations
 from fastai.basics import *
 from fastai.text.core import PAD
 from fastai.text.models.core import LinearDecoder
-import functools, operator
+from torch.overrides import TorchFunctionMode
+import functools, operator, random
+from collections.abc import Mapping
+import numpy as np
 
 # %% auto #0
-__all__ = ['FAKE', 'Guarded', 'find_guarded']
+__all__ = ['FAKE', 'EMB_TYPES', 'Target', 'Guarded', 'find_guarded', 'check_idx', 'check_extra_idxs', 'rows_on', 'text_vocabs',
+           'learn_vocab', 'learner_batch', 'vocab_pad', 'NoEvidence', 'Evidence']
 
-# %% ../nbs/01a_rows.ipynb #c005
+# %% ../nbs/01a_rows.ipynb #c006
+class Target:
+    "One guarded parameter: its `names` (tied names joined by ' = '), the `param`, its `rows`, and `how` it was found"
+    def __init__(self, names:str, param:Tensor, rows:tuple, how:str): store_attr()
+    def __repr__(self): return f"{self.names}: rows {list(self.rows)} ({self.how})"
+
 class Guarded:
-    "What `find_guarded` found: `targets` (`(names, parameter, rows)`), the output's `pad_idx`, the loss's `loss_rows`, `notes`"
-    def __init__(self, targets:list, pad_idx:int, loss_rows:tuple|None, notes:list): store_attr()
+    "What `find_guarded` found: a `Target` per parameter, `pad_idx`, the loss's `loss_rows` (`None`: no output layer writes the vocab), `notes`, `evidence`"
+    def __init__(self, targets:list, pad_idx:int, loss_rows:tuple|None, notes:list, evidence:bool): store_attr()
     @property
     def rows(self)->dict:
         "`{parameter names: rows}`"
-        return {n:r for n,_,r in self.targets}
-    def __repr__(self): return '\n'.join([f"{n}: rows {list(r)}" for n,_,r in self.targets] + [f"note: {n}" for n in self.notes])
+        return {t.names:t.rows for t in self.targets}
+    def __repr__(self):
+        how = 'from one batch' if self.evidence else 'by names and sizes (no batch)'
+        lr = 'nothing (no output layer writes the vocab)' if self.loss_rows is None else list(self.loss_rows)
+        return '\n'.join([f"found {how}; pad_idx={self.pad_idx}; the loss leaves out {lr}"]
+                         + [repr(t) for t in self.targets] + [f"note: {n}" for n in self.notes])
 
-# %% ../nbs/01a_rows.ipynb #c006
-def find_guarded(model:nn.Module, # The model, possibly a wrapper around a Hugging Face model
+# %% ../nbs/01a_rows.ipynb #c007
+def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging Face or PEFT models
                  vocab:list|None=None, # fastai's `dls.vocab`: a token list, `[tokens, labels]` or `[source, target]`
                  pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad' or the HF config's `pad_token_id`
                  extra_idxs:str|list|None=None, # Other rows to guard: 'fake' (each vocab's 'xxfake' rows) or a list of ints
-                 emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name, or a list of them; found by default
+                 emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name, or a list; found by default
+                 out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
+                 batch:tuple|None=None, # `(xb, yb)`, one batch of the learner's data: the evidence; `None`: names and sizes decide
+                 learn:Learner|None=None, # The learner, whose `after_pred` callbacks pick what the loss scores
                 )->Guarded:
     "Work out which parameters and rows of `model` are guarded; raises a `ValueError` that names the fix when it can't tell"
-    extra = _check_extra_idxs(extra_idxs)
-    if pad_idx is not None: pad_idx = _check_idx(pad_idx, 'pad_idx')
+    extra = check_extra_idxs(extra_idxs)
+    if pad_idx is not None: pad_idx = check_idx(pad_idx, 'pad_idx')
     names = {m:n for n,m in model.named_modules()}
-    hf = _hf_model(model)
-    vocabs = [] if hf is not None else _text_vocabs(vocab)
-    embs = None if emb is None else _named_embs(model, emb, names)
-    if vocabs:
-        pads = [_vocab_pad(v, pad_idx) for v in vocabs]
-        vrows = [_rows(p, extra, v) for p,v in zip(pads, vocabs)]
-        if embs is None: embs = _token_embs(model, names, vocabs, pads)
-        emb_rows = {e: _match(names[e], e.weight.shape[0], vocabs, pads, vrows) for e in embs}
-    else:
-        pad = _model_pad(pad_idx, hf, model, embs)
-        if embs is None: embs = _hf_embs(hf) if hf is not None else _padding_embs(model, names, pad)
-        emb_rows = {e: (pad, _rows(pad, extra, None)) for e in embs}
-    for e,(pad,rows) in emb_rows.items(): _check_emb(names[e], e, pad, rows)
-    outs = {}  # output layers: the module -> (pad, rows)
-    weights = {id(e.weight): pr for e,pr in emb_rows.items()}
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and id(m.weight) in weights: outs[m] = weights[id(m.weight)]
-    heads = [m.decoder for m in model.modules() if isinstance(m, LinearDecoder)]
-    if hf is not None and hf.get_output_embeddings() is not None: heads.append(hf.get_output_embeddings())
-    for h in heads:
-        if h in outs or not isinstance(getattr(h, 'weight', None), Tensor): continue
-        n = h.weight.shape[0]
-        outs[h] = _match(names[h], n, vocabs, pads, vrows) if vocabs else (pad, emb_rows[embs[0]][1])
-        _check_rows(names[h], n, outs[h][1])
+    vocabs = text_vocabs(vocab)
+    hfs = _hf_models(model)
+    pads = [vocab_pad(v, pad_idx) for v in vocabs]
+    vrows = [_rows(p, extra, v) for p,v in zip(pads, vocabs)]
+    ev, notes = None, []
+    if batch is not None:
+        try: ev = Evidence.of(model, batch, learn, {pad_idx, *pads, *[getattr(h.config, 'pad_token_id', None) for h in hfs]} - {None})
+        except NoEvidence as e: notes.append(f"found by names and sizes: {e}")
+    # the token tables `[(parameter, how)]` and the output layers `[(parameter, how, bias)]`
+    if emb is not None: tables = [(e.weight, 'named with emb=') for e in _named(model, emb, names, 'emb')]
+    elif ev is not None: tables = [(w, "indexed by the batch's token ids") for w in ev.tables]
+    else: tables = [(e.weight, 'by name and size (no batch)') for e in _rule_embs(model, names, vocabs, pads, hfs, pad_idx)]
+    if not tables: raise ValueError(f"The batch's token ids index no parameter of {type(model).__name__}: can't tell which table holds the tokens. "
+                                    "Name it: learn.padguard(emb='the.embedding') or PadGuard(emb=...)")
+    tws = [w for w,_ in tables]
+    if out is not None: outs = [(o.weight, 'named with out=', getattr(o, 'bias', None)) for o in _named(model, out, names, 'out')]
+    elif ev is not None: outs = [(w, how, b) for w,(how,b) in ev.outs if _writes_vocab(w, tws, vocabs, ev)]
+    else: outs = [(o.weight, 'by name (no batch)', getattr(o, 'bias', None)) for o in _rule_outs(model, tws, hfs)]
     pnames = _param_names(model)
-    params = {}
-    for e,(_,r) in emb_rows.items(): params.setdefault(id(e.weight), (e.weight, r))
-    for m,(_,r) in outs.items():
-        params.setdefault(id(m.weight), (m.weight, r))
-        if getattr(m, 'bias', None) is not None: params.setdefault(id(m.bias), (m.bias, r))
-    targets = [(' = '.join(pnames[i]), p, r) for i,(p,r) in params.items() if i in pnames]
-    notes = _hf_notes(hf, emb_rows[embs[0]][0]) if hf is not None else []
-    louts = set(outs.values())
-    if len(louts) > 1: notes.append(f"the output layers guard different rows {sorted(set(r for _,r in louts))}: the loss is left alone")
-    lpad,lrows = next(iter(louts)) if len(louts)==1 else (emb_rows[embs[0]][0], None)
-    return Guarded(targets, lpad, lrows, notes)
+    def rows_of(p, is_out):
+        if vocabs: return _match(' = '.join(pnames.get(id(p), ['?'])), p.shape[0], vocabs, pads, vrows, prefer_last=is_out)
+        pad = _model_pad(pad_idx, _owner(hfs, p), model, p)
+        return pad, _rows(pad, extra, None)
+    targets = {}
+    for p,how,bias,is_out in [(w,h,None,False) for w,h in tables] + [(w,h,b,True) for w,h,b in outs]:
+        pad,rows = rows_of(p, is_out)
+        for t in _targets(model, p, rows, how, pnames, names, pad, bias):
+            targets.setdefault(id(t.param), t)
+    louts = {rows_of(p, True) for p,_,_ in outs}
+    lpad,lrows = next(iter(louts)) if len(louts)==1 else (rows_of(tables[0][0], False)[0], None)
+    if len(louts) > 1: notes.append(f"the output layers guard different rows {sorted(r for _,r in louts)}: the loss is left alone")
+    for h in hfs: notes += _hf_notes(h, lpad)
+    if ev is not None: notes += ev.notes
+    order = {id(p):i for i,(_,p) in enumerate(model.named_parameters())}
+    return Guarded(sorted(targets.values(), key=lambda t: order.get(id(t.param), len(order))), lpad, lrows, notes, ev is not None)
 
-# %% ../nbs/01a_rows.ipynb #c008
+# %% ../nbs/01a_rows.ipynb #c009
 FAKE = 'xxfake'
-_EMB_TYPES = (nn.Embedding, nn.EmbeddingBag)
+EMB_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
-def _check_idx(i, name:str)->int:
+def check_idx(i, name:str)->int:
     "`i` as an `int` row index, or a `TypeError`/`ValueError` that says what is wrong with it"
     if isinstance(i, bool): raise TypeError(f"{name}={i!r} is a bool; pass a row index (an int)")
     try: i = operator.index(i)
@@ -84,18 +99,18 @@ def _check_idx(i, name:str)->int:
     if i < 0: raise ValueError(f"{name}={i} is negative; pass the row index counted from 0, e.g. len(learn.dls.vocab)-1 instead of -1")
     return i
 
-def _check_extra_idxs(extra_idxs)->tuple|str|None:
+def check_extra_idxs(extra_idxs)->tuple|str|None:
     "Validate `extra_idxs`: `None`, `'fake'`, or an iterable of ints"
     if extra_idxs is None or isinstance(extra_idxs, str) and extra_idxs=='fake': return extra_idxs
     if isinstance(extra_idxs, str): raise ValueError(f"extra_idxs={extra_idxs!r}: pass 'fake' (every 'xxfake' row of the vocab) or a list of row indices")
     if isinstance(extra_idxs, Tensor): extra_idxs = extra_idxs.flatten().tolist()
     try: idxs = list(extra_idxs)
     except TypeError: raise TypeError(f"extra_idxs={extra_idxs!r} is not iterable; pass a list of row indices, e.g. extra_idxs=[29, 30], or 'fake'") from None
-    return tuple(_check_idx(i, 'extra_idxs item') for i in idxs)
+    return tuple(check_idx(i, 'extra_idxs item') for i in idxs)
 
 @functools.lru_cache(maxsize=None)
 def _rows_cached(rows:tuple, device:torch.device)->Tensor: return torch.tensor(rows, dtype=torch.long, device=device)
-def _rows_on(rows, device)->Tensor:
+def rows_on(rows, device)->Tensor:
     "`rows` as a long tensor on `device`, made once per `(rows, device)`: nothing on the training path builds one"
     return _rows_cached(tuple(rows), torch.device(device))
 
@@ -104,38 +119,276 @@ def _rows(pad, extra, vocab)->tuple:
     if extra == 'fake': extra = [i for i,t in enumerate(vocab or []) if t==FAKE]
     return tuple(sorted({pad, *(extra or [])}))
 
-# %% ../nbs/01a_rows.ipynb #c009
-def _text_vocabs(vocab)->list:
+# %% ../nbs/01a_rows.ipynb #c010
+def text_vocabs(vocab)->list:
     "The token lists of a fastai vocab: one for an LM, those holding 'xxpad' for `[tokens, labels]` or `[source, target]`"
     try:
         if vocab is None or len(vocab)==0: return []
-        if isinstance(vocab[0], str): return [list(vocab)]
+        if isinstance(vocab[0], str): return [list(vocab)] if PAD in vocab else []
         vs = [list(v) for v in vocab]
     except Exception: return []  # not a fastai vocab (a tokenizer's dict, say)
-    return [v for v in vs if PAD in v] or vs[:1]
+    return [v for v in vs if PAD in v]
 
-def _learn_vocab(learn):
+def learn_vocab(learn):
     "`learn.dls.vocab`, or `None` when the data has none"
     try: return getattr(learn.dls, 'vocab', None)
     except Exception: return None
 
-def _vocab_pad(toks, pad_idx):
+def learner_batch(learn)->tuple|None:
+    "One `(xb, yb)` of the learner's data (validation first), drawn leaving every RNG and the loader as they were; `None` when there is none"
+    dls = getattr(learn, 'dls', None)
+    for dl in (getattr(dls, 'valid', None), getattr(dls, 'train', None)):
+        try:
+            if dl is None or not len(dl): continue
+        except TypeError: continue
+        rng = getattr(dl, 'rng', None)
+        st, pst, nst = rng.getstate() if isinstance(rng, random.Random) else None, random.getstate(), np.random.get_state()
+        devs = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=devs): b = dl.one_batch()
+        except Exception: continue
+        finally:
+            if st is not None: rng.setstate(st)
+            random.setstate(pst); np.random.set_state(nst)
+        n = getattr(dls, 'n_inp', 1 if len(b)==1 else len(b)-1)
+        return tuple(b[:n]), tuple(b[n:])
+    return None
+
+def vocab_pad(toks, pad_idx):
     "The pad index of token list `toks`, checked against `pad_idx` if given"
-    vpad = toks.index(PAD) if PAD in toks else None
-    if pad_idx is None:
-        if vpad is None: raise ValueError(f"The vocab ({len(toks)} tokens) has no 'xxpad'; pass the pad index, e.g. learn.padguard(pad_idx=0)")
-        return vpad
-    if pad_idx >= len(toks): raise ValueError(f"pad_idx={pad_idx} is out of range for a vocab of {len(toks)} tokens; the vocab's 'xxpad' is at {vpad}")
-    if vpad is not None and pad_idx != vpad:
+    vpad = toks.index(PAD)
+    if pad_idx is not None and pad_idx >= len(toks):
+        raise ValueError(f"pad_idx={pad_idx} is out of range for a vocab of {len(toks)} tokens; the vocab's 'xxpad' is at {vpad}")
+    if pad_idx is not None and pad_idx != vpad:
         raise ValueError(f"pad_idx={pad_idx} but the vocab's 'xxpad' is at index {vpad}. Leave pad_idx out to use the vocab's, "
                          f"or rebuild the data so that 'xxpad' sits at {pad_idx}")
-    return pad_idx
+    return vpad
 
-# %% ../nbs/01a_rows.ipynb #c010
-def _hf_model(model):
-    "The outermost Hugging Face model in `model`, told by its methods (transformers is never imported here)"
+# %% ../nbs/01a_rows.ipynb #c011
+def _hf_models(model)->list:
+    "The outermost Hugging Face models in `model`, told by their methods (transformers is never imported here)"
+    res, seen = [], []
+    for n,m in model.named_modules():
+        if any(n.startswith(s) for s in seen): continue
+        if hasattr(m, 'config') and callable(getattr(m, 'get_input_embeddings', None)) and callable(getattr(m, 'get_output_embeddings', None)):
+            res.append(m); seen.append(n + '.' if n else '')
+    return res
+
+def _owner(hfs, p):
+    "The Hugging Face model among `hfs` that holds parameter `p`, or `None`"
+    return next((h for h in hfs if any(q is p for q in h.parameters())), None)
+
+def _model_pad(pad_idx, hf, model, p=None):
+    "The pad index of parameter `p` with no text vocab: `pad_idx`, its HF config's `pad_token_id`, or the embeddings' `padding_idx`"
+    if hf is not None:
+        cpad = getattr(hf.config, 'pad_token_id', None)
+        if pad_idx is not None and cpad is not None and pad_idx != cpad:
+            raise ValueError(f"pad_idx={pad_idx} but the model's config.pad_token_id is {cpad}; leave pad_idx out, or set model.config.pad_token_id")
+        if pad_idx is None and cpad is None:
+            raise ValueError(f"{type(hf).__name__}.config.pad_token_id is None, so there is no pad row to guard. Give the tokenizer a pad token and the "
+                             "model its row: tok.add_special_tokens({'pad_token': '<pad>'}); model.resize_token_embeddings(len(tok)); "
+                             "model.config.pad_token_id = tok.pad_token_id (or pass pad_idx=)")
+        return cpad if pad_idx is None else pad_idx
+    if pad_idx is not None: return pad_idx
+    embs = [e for e in model.modules() if isinstance(e, EMB_TYPES)]
+    own = {e.padding_idx for e in embs if e.weight is p} - {None}
+    pads = sorted(own or {e.padding_idx for e in embs} - {None})
+    if len(pads)==1: return pads[0]
+    if pads: raise ValueError(f"The model's embeddings set different padding_idx values {pads}; pass the pad index you mean, e.g. learn.padguard(pad_idx={pads[0]})")
+    raise ValueError("Can't tell the pad index: the data has no vocab with 'xxpad', the model no Hugging Face config with pad_token_id, and no "
+                     "embedding in the model sets padding_idx. Pass it, e.g. learn.padguard(pad_idx=0) or PadGuard(pad_idx=0)")
+
+def _hf_notes(hf, pad)->list:
+    "Warnings about a Hugging Face config whose pad token is also a real token"
+    res = []
+    for k in ('eos_token_id', 'bos_token_id', 'decoder_start_token_id'):
+        v = getattr(hf.config, k, None)
+        if pad == v or isinstance(v, (list, tuple)) and pad in v:
+            res.append(f"pad_token_id {pad} is also the {k}: guarding it also removes that token from the targets and from predictions "
+                       f"(and zeroes its embedding). Give the tokenizer a pad token of its own if the model must learn {k.split('_')[0]}")
+    return res
+
+# %% ../nbs/01a_rows.ipynb #c013
+def _arg(args, kwargs, i, name):
+    return args[i] if len(args) > i else kwargs.get(name)
+
+def _param_of(w, mod):
+    "The parameter behind a weight used in a forward: itself, the base of a transposed view, or a PEFT trainable-tokens layer's base weight"
+    if isinstance(w, nn.Parameter): return w
+    if isinstance(getattr(w, '_base', None), nn.Parameter) and w.shape == w._base.shape[::-1]: return w._base
+    for m in ([mod] if mod is not None else []):
+        if hasattr(m, 'trainable_tokens_delta') and hasattr(m, 'base_layer'): return m.base_layer.weight
+    return None
+
+class _Calls(TorchFunctionMode):
+    "Records, during one forward pass, the weights that integer ids index and the layers that multiply by a 2-d weight"
+    def __init__(self, stack:list): super().__init__(); self.stack,self.lookups,self.linears = stack,[],[]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        res = func(*args, **kwargs)
+        mod = self.stack[-1] if self.stack else None
+        if func in (F.embedding, F.embedding_bag): ids,w = _arg(args, kwargs, 0, 'input'),_arg(args, kwargs, 1, 'weight')
+        elif func is torch.embedding: w,ids = _arg(args, kwargs, 0, 'weight'),_arg(args, kwargs, 1, 'indices')
+        elif func is Tensor.__getitem__ and isinstance(args[0], nn.Parameter) and args[0].dim()==2: w,ids = args
+        elif func is F.linear:
+            self.linears.append((_arg(args, kwargs, 1, 'weight'), _arg(args, kwargs, 2, 'bias'), res, mod)); return res
+        elif func in (torch.matmul, Tensor.__matmul__, Tensor.matmul) and len(args)==2 and isinstance(args[1], Tensor) and args[1].dim()==2:
+            self.linears.append((args[1], None, res, mod)); return res
+        else: return res
+        if isinstance(ids, Tensor) and not ids.is_floating_point() and ids.dtype is not torch.bool:
+            self.lookups.append((w, ids.detach().clone(), mod))
+        return res
+
+@contextmanager
+def _untouched(model:nn.Module):
+    "Run `model` in eval mode without grad, then put back bitwise every attribute, buffer, hidden state, mode and RNG state it had"
+    saved = []
     for m in model.modules():
-        if hasattr(m, 'config') and callable(getattr(m, 'get_input_embeddings', None)) and callable(getattr(m, 'get_output_embeddings', None)): return m
+        d = dict(m.__dict__)
+        subs = {k:(v, dict(v) if isinstance(v, dict) else list(v)) for k,v in d.items() if isinstance(v, (dict, list))}
+        saved.append((m, d, subs, {k:b.clone() for k,b in m._buffers.items() if b is not None}))
+    devs = sorted({p.device.index or 0 for p in model.parameters() if p.device.type=='cuda'})
+    pst, nst = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devs), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        random.setstate(pst); np.random.set_state(nst)
+        for m,d,subs,bufs in saved:
+            m.__dict__.clear(); m.__dict__.update(d)
+            for o,c in subs.values():
+                if isinstance(o, dict): o.clear(); o.update(c)
+                else: o[:] = c
+            for k,b in bufs.items(): m._buffers[k].copy_(b)
+
+def _forward(model, xb):
+    "Run `model(*xb)` recording its lookups and linear layers, with the module that ran each"
+    from torch.nn.modules.module import register_module_forward_pre_hook, register_module_forward_hook
+    stack = []
+    hs = [register_module_forward_pre_hook(lambda m,i: stack.append(m)), register_module_forward_hook(lambda m,i,o: stack.pop() and None)]
+    calls = _Calls(stack)
+    try:
+        with calls: out = model(*xb)
+    finally:
+        for h in hs: h.remove()
+    return calls, out
+
+# %% ../nbs/01a_rows.ipynb #c014
+def _is_ids(t)->bool: return isinstance(t, Tensor) and t.dim() >= 2 and not t.is_floating_point() and not t.is_complex() and t.dtype is not torch.bool
+
+def _map_ids(x, f, key=None):
+    "Apply `f` to every tensor of token ids in `x`: integer tensors of 2 or more dims, in a mapping only under keys ending in 'input_ids'"
+    if isinstance(x, Tensor): return f(x) if _is_ids(x) and (key is None or str(key).endswith('input_ids')) else x
+    if isinstance(x, Mapping): return type(x)({k:_map_ids(v, f, k) for k,v in x.items()})
+    if isinstance(x, (list, tuple)):
+        vs = [_map_ids(v, f, key) for v in x]
+        return type(x)(*vs) if hasattr(x, '_fields') else type(x)(vs)
+    return x
+
+def _shift(t:Tensor, keep:set)->Tensor:
+    "`t` with each id but those in `keep` (the pads) replaced by the next larger id present in `t` (the largest by the smallest)"
+    u = t.unique()
+    if keep: u = u[~torch.isin(u, torch.tensor(sorted(keep), device=t.device, dtype=u.dtype))]
+    if len(u) < 2: return t
+    i = torch.searchsorted(u, t.contiguous()).clamp(max=len(u)-1)
+    return torch.where(u[i]==t, u[(i+1) % len(u)], t)
+
+def _scored(out, learn):
+    "What the loss scores: the model's output after the learner's `after_pred` callbacks (which may pick `.logits` or a tuple's first item)"
+    p = out
+    if learn is not None:
+        had, old = 'pred' in learn.__dict__, learn.__dict__.get('pred')
+        try:
+            learn.pred = out
+            learn('after_pred')
+            p = learn.pred
+        except Exception: p = out
+        finally:
+            if had: learn.pred = old
+            else: learn.__dict__.pop('pred', None)
+    if hasattr(p, 'logits') and isinstance(p.logits, Tensor): p = p.logits
+    if isinstance(p, (tuple, list)) and p and isinstance(p[0], Tensor): p = p[0]
+    return p if isinstance(p, Tensor) else None
+
+def _same(a:Tensor, b:Tensor)->bool:
+    "Whether `b` is `a` or a view of the same values"
+    return a is b or a.numel()==b.numel() and a.untyped_storage().data_ptr()==b.untyped_storage().data_ptr() and a.storage_offset()==b.storage_offset()
+
+class NoEvidence(Exception):
+    "The batch could not tell: the model failed on it, or its token ids could not be changed"
+
+class Evidence:
+    "What one batch showed: `tables` (parameters the token ids index), `outs` (`[(weight, (how, bias))]`: the layer whose output the loss scores), `per_token`, `notes`"
+    def __init__(self, tables:list, outs:dict, per_token:bool, notes:list): store_attr()
+
+    @classmethod
+    def of(cls, model:nn.Module, batch:tuple, learn=None, pads:set=frozenset()):
+        "Run `batch` through `model` twice, the second time with its token ids shifted, leaving the model bitwise as it was"
+        xb,yb = batch
+        p0 = next(model.parameters(), None)
+        if p0 is not None: xb = to_device(xb, p0.device)
+        n_ids = []
+        _map_ids(xb, lambda t: n_ids.append(t) or t)
+        if not n_ids:
+            raise ValueError(f"padguard() and PadGuard are for text models, whose batches hold token ids: this learner's inputs hold no tensor of "
+                             f"integer ids ({_describe(xb)}). For a text model whose inputs are built otherwise, name the token table and "
+                             "the pad row yourself: learn.padguard(emb='the.embedding', pad_idx=...)")
+        shifted = _map_ids(xb, partial(_shift, keep=set(pads)))
+        moved = []
+        _map_ids(shifted, lambda t: moved.append(t) or t)
+        if all(x is y for x,y in zip(n_ids, moved)): raise NoEvidence("no batch tensor of token ids holds two different ids besides the pad")
+        with _untouched(model):
+            try:
+                a,out = _forward(model, xb)
+                scored = _scored(out, learn)
+                b,_ = _forward(model, shifted)
+            except Exception as e: raise NoEvidence(f"the model failed on a batch ({type(e).__name__}: {e})") from e
+        tables, notes = [], []
+        def by_w(calls):
+            d = {}
+            for w,ids,m in calls: d.setdefault(id(w), (w, m, []))[2].append(ids)
+            return d
+        da, db = by_w(a.lookups), by_w(b.lookups)
+        pairs = list(zip(a.lookups, b.lookups)) if len(a.lookups)==len(b.lookups) else None
+        changed = ([(wa, m) for (wa,ia,m),(_,ib,_) in pairs if ia.shape!=ib.shape or not torch.equal(ia, ib)] if pairs is not None else
+                   [(w, m) for k,(w,m,ids) in da.items() if k not in db or len(ids)!=len(db[k][2]) or any(not torch.equal(x, y) for x,y in zip(ids, db[k][2]))])
+        for w,m in changed:
+            p = _param_of(w, m)
+            if p is None:
+                raise ValueError(f"The token ids index a weight that {type(m).__name__ if m is not None else 'the model'} computes at every forward, not a "
+                                 "parameter: PadGuard can't keep rows of it. Name the parameter it is computed from: learn.padguard(emb='the.embedding')")
+            if all(p is not q for q in tables): tables.append(p)
+        outs = []
+        if scored is not None:
+            hits = [l for l in a.linears if _same(l[2], scored)]
+            how = 'writes the logits the loss scores'
+            if not hits:
+                hits = [l for l in a.linears if l[2].shape[-1]==scored.shape[-1] and l[2].numel()==scored.numel()]
+                how = 'writes the logits, transformed before the loss'
+                if hits: notes.append("the loss scores a transform of the output layers' results (a soft-cap, a scale, a bias added after them, "
+                                      "or several models' logits combined): each layer whose result has the logits' shape is taken as an output layer")
+            for w,bias,_,m in hits:
+                p = _param_of(w, m)
+                if p is None: raise ValueError(f"The logits come from a weight that {type(m).__name__ if m is not None else 'the model'} computes at every forward, "
+                                               "not a parameter: name the output layer with out=")
+                if all(p is not q for q,_ in outs): outs.append((p, (how, bias if isinstance(bias, nn.Parameter) else None)))
+        y = yb[0] if isinstance(yb, (list, tuple)) and len(yb) else None
+        per_token = (_is_ids(y) or isinstance(y, Tensor) and y.dim()>=2 and not y.is_floating_point()) if y is not None else (scored is not None and scored.dim()>=3)
+        return cls(tables, outs, per_token, notes)
+
+def _describe(x)->str:
+    "Shapes and dtypes of the tensors in `x`, for error messages"
+    if isinstance(x, Tensor): return f"{x.dtype} {tuple(x.shape)}"
+    if isinstance(x, dict): return '{' + ', '.join(f"{k}: {_describe(v)}" for k,v in x.items()) + '}'
+    if isinstance(x, (list, tuple)): return '(' + ', '.join(_describe(v) for v in x) + ')'
+    return type(x).__name__
+
+# %% ../nbs/01a_rows.ipynb #c016
+def _is_position(name:str)->bool:
+    "Whether an embedding's name says it is a position (or token type) table: used only when no batch can be had"
+    last = name.split('.')[-1].lower()
+    return last=='wpe' or last.startswith('pos') or 'position' in last or 'pos_' in last or last.endswith('_pos') or 'token_type' in last or 'segment' in last
 
 def _hf_embs(hf)->list:
     "A Hugging Face model's token embeddings: `get_input_embeddings()`, and its decoder's when separate"
@@ -148,95 +401,63 @@ def _hf_embs(hf)->list:
         if e is not None and all(e.weight is not r.weight for r in res): res.append(e)
     return res
 
-def _model_pad(pad_idx, hf, model, embs):
-    "The pad index with no text vocab: `pad_idx`, the HF config's `pad_token_id`, or the embeddings' single `padding_idx`"
-    if hf is not None:
-        cpad = getattr(hf.config, 'pad_token_id', None)
-        if pad_idx is not None and cpad is not None and pad_idx != cpad:
-            raise ValueError(f"pad_idx={pad_idx} but the model's config.pad_token_id is {cpad}; leave pad_idx out, or set model.config.pad_token_id")
-        if pad_idx is None and cpad is None:
-            raise ValueError(f"{type(hf).__name__}.config.pad_token_id is None, so there is no pad row to guard. Give the tokenizer a pad token and the "
-                             "model its row: tok.add_special_tokens({'pad_token': '<pad>'}); model.resize_token_embeddings(len(tok)); "
-                             "model.config.pad_token_id = tok.pad_token_id (or pass pad_idx=)")
-        return cpad if pad_idx is None else pad_idx
-    if pad_idx is not None: return pad_idx
-    pads = sorted({e.padding_idx for e in (embs or model.modules()) if isinstance(e, _EMB_TYPES)} - {None})
-    if len(pads)==1: return pads[0]
-    if pads: raise ValueError(f"The model's embeddings set different padding_idx values {pads}; pass the pad index you mean, e.g. learn.padguard(pad_idx={pads[0]})")
-    raise ValueError("Can't tell the pad index: the data has no vocab with 'xxpad' and no embedding in the model sets padding_idx. "
-                     "Pass it, e.g. learn.padguard(pad_idx=0) or PadGuard(pad_idx=0)")
-
-def _hf_notes(hf, pad)->list:
-    "Warnings about a Hugging Face config whose pad token is also a real token"
-    res = []
-    for k in ('eos_token_id', 'bos_token_id', 'decoder_start_token_id'):
-        v = getattr(hf.config, k, None)
-        if pad == v or isinstance(v, (list, tuple)) and pad in v:
-            res.append(f"pad_token_id {pad} is also the {k}: guarding it also removes that token from the targets and from predictions "
-                       f"(and zeroes its embedding). Give the tokenizer a pad token of its own if the model must learn {k.split('_')[0]}")
-    return res
-
-# %% ../nbs/01a_rows.ipynb #c011
-def _is_position(name:str)->bool:
-    "Whether an embedding's name says it is a position (or token type) table"
-    last = name.split('.')[-1].lower()
-    return last=='wpe' or last.startswith('pos') or 'position' in last or 'pos_' in last or last.endswith('_pos') or 'token_type' in last or 'segment' in last
-
-def _candidates(model, names):
-    "The model's embeddings that are not position tables; an error when it has none"
-    cands = [m for m in model.modules() if isinstance(m, _EMB_TYPES) and not _is_position(names[m])]
+def _rule_embs(model, names, vocabs, pads, hfs, pad_idx)->list:
+    "Without a batch: each HF model's input embeddings, else embeddings with one row per token of a vocab (or built with its pad), else by `padding_idx`"
+    if hfs: return [e for h in hfs for e in _hf_embs(h)]
+    cands = [m for m in model.modules() if isinstance(m, EMB_TYPES) and not _is_position(names[m])]
     if not cands: raise ValueError(f"No token embedding (nn.Embedding or nn.EmbeddingBag, not a position table) in {type(model).__name__}: "
                                    "PadGuard guards embedding rows, so the model needs one; name it with emb= if it has another type")
-    return cands
-
-def _token_embs(model, names, vocabs, pads)->list:
-    "Embeddings with one row per token of a text vocab (or, with one vocab, built with its pad as `padding_idx`)"
-    cands = _candidates(model, names)
-    sizes = {len(v) for v in vocabs}
-    res = [e for e in cands if e.weight.shape[0] in sizes or len(vocabs)==1 and e.padding_idx==pads[0]]
-    if res: return res
-    n = len(vocabs[0])
-    if len(vocabs)==1 and all(e.weight.shape[0] < n for e in cands):
-        e = cands[0]; raise ValueError(f"Embedding '{names[e]}' has {e.weight.shape[0]} rows but the vocab has {n} tokens: every token needs a row. "
-                                       f"Build the model with len(dls.vocab)={n} rows")
-    raise ValueError(f"Can't tell which embedding holds the tokens: none of {[names[e] for e in cands]} has one row per token of "
-                     f"the vocab{'s' if len(vocabs)>1 else ''} ({', '.join(str(len(v)) for v in vocabs)} tokens) or padding_idx={pads[0]}. "
-                     "Name it: learn.padguard(emb='the.embedding') or PadGuard(emb=...)")
-
-def _padding_embs(model, names, pad)->list:
-    "Without a vocab: the embeddings built with `padding_idx=pad`, or the model's only one"
-    cands = _candidates(model, names)
-    res = [e for e in cands if e.padding_idx==pad] or (cands if len(cands)==1 else [])
-    if not res: raise ValueError(f"Can't tell which embedding holds the tokens: none of {[names[e] for e in cands]} has padding_idx={pad}. "
+    if vocabs:
+        res = [e for e in cands if e.weight.shape[0] in {len(v) for v in vocabs} or len(vocabs)==1 and e.padding_idx==pads[0]]
+        if not res and len(vocabs)==1 and all(e.weight.shape[0] < len(vocabs[0]) for e in cands): res = cands[:1]  # _match says it's too small
+        what = f"one row per token of the vocab{'s' if len(vocabs)>1 else ''} ({', '.join(str(len(v)) for v in vocabs)} tokens) or padding_idx={pads[0]}"
+    else:
+        pad = _model_pad(pad_idx, None, model)
+        res = [e for e in cands if e.padding_idx==pad] or (cands if len(cands)==1 else [])
+        what = f"padding_idx={pad}"
+    if not res: raise ValueError(f"Can't tell which embedding holds the tokens: none of {[names[e] for e in cands]} has {what}. "
                                  "Name it: learn.padguard(emb='the.embedding') or PadGuard(emb=...)")
     return res
 
-def _named_embs(model, emb, names)->list:
-    "The modules `emb` names: modules of `model` or their dotted names"
+def _rule_outs(model, tables, hfs)->list:
+    "Without a batch: linear layers tied to a token table, fastai's `LinearDecoder`, each HF model's `get_output_embeddings()`"
+    res = [m for m in model.modules() if isinstance(m, nn.Linear) and any(m.weight is t for t in tables)]
+    res += [m.decoder for m in model.modules() if isinstance(m, LinearDecoder)]
+    res += [o for h in hfs for o in [h.get_output_embeddings()] if o is not None]
+    return [m for i,m in enumerate(res) if isinstance(getattr(m, 'weight', None), Tensor) and m not in res[:i]]
+
+def _named(model, mods, names, arg)->list:
+    "The modules that `emb=`/`out=` name: modules of `model` or their dotted names"
     res = []
-    for e in (emb if isinstance(emb, (list, tuple, L)) else [emb]):
+    for e in (mods if isinstance(mods, (list, tuple, L)) else [mods]):
         if isinstance(e, str):
             try: e = model.get_submodule(e)
-            except AttributeError: raise ValueError(f"emb={e!r}: the model has no module of that name; the embeddings it has are "
-                                                    f"{[n for m,n in names.items() if isinstance(m, _EMB_TYPES)]}") from None
+            except AttributeError: raise ValueError(f"{arg}={e!r}: the model has no module of that name; the {'embeddings' if arg=='emb' else 'linear layers'} "
+                                                    f"it has are {[n for m,n in names.items() if isinstance(m, EMB_TYPES if arg=='emb' else nn.Linear)]}") from None
         elif not isinstance(e, nn.Module) or e not in names:
-            raise ValueError(f"emb={e!r} is not a module of the learner's model; pass the module itself or its dotted name in learn.model")
+            raise ValueError(f"{arg}={e!r} is not a module of the learner's model; pass the module itself or its dotted name in learn.model")
         if not isinstance(getattr(e, 'weight', None), Tensor) or e.weight.dim() != 2:
-            raise ValueError(f"emb: module '{names[e]}' ({type(e).__name__}) has no 2-d weight: name the token embedding itself")
+            raise ValueError(f"{arg}: module '{names[e]}' ({type(e).__name__}) has no 2-d weight: name the {'token embedding' if arg=='emb' else 'output layer'} itself")
         res.append(e)
-    if not res: raise ValueError(f"emb={emb!r} names no embedding; pass the token embedding module, its dotted name, or a list of them")
+    if not res: raise ValueError(f"{arg}={mods!r} names no module; pass a module, its dotted name, or a list of them")
     return res
 
-# %% ../nbs/01a_rows.ipynb #c012
-def _match(name, n, vocabs, pads, vrows)->tuple:
-    "`(pad, rows)` of the vocab that a layer with `n` rows reads or writes"
+def _writes_vocab(w, tables, vocabs, ev)->bool:
+    "Whether an output layer writes token scores: tied to a token table, or scored per token with one row per token"
+    if any(w is t for t in tables): return True
+    return ev.per_token and (w.shape[0] in {t.shape[0] for t in tables} or w.shape[0] in {len(v) for v in vocabs})
+
+# %% ../nbs/01a_rows.ipynb #c017
+def _match(name, n, vocabs, pads, vrows, prefer_last=False)->tuple:
+    "`(pad, rows)` of the vocab that a layer with `n` rows reads or writes (an output layer: the target vocab, the last, when sizes allow)"
     ms = [i for i,v in enumerate(vocabs) if len(v)==n]
     if not ms and len(vocabs)==1:
-        if n < len(vocabs[0]): raise ValueError(f"Embedding '{name}' has {n} rows but the vocab has {len(vocabs[0])} tokens: every token needs a row. "
+        if n < len(vocabs[0]): raise ValueError(f"'{name}' has {n} rows but the vocab has {len(vocabs[0])} tokens: every token needs a row. "
                                                 f"Build the model with len(dls.vocab)={len(vocabs[0])} rows")
         ms = [0]
     if not ms: raise ValueError(f"'{name}' has {n} rows but the text vocabs have {[len(v) for v in vocabs]} tokens: "
                                 "it can't be told which vocab it reads. Build it with one row per token of its vocab, or leave it out with emb=")
+    if prefer_last and ms[-1]==len(vocabs)-1: ms = ms[-1:]
     if len({(pads[i], vrows[i]) for i in ms}) > 1:
         raise ValueError(f"'{name}' has {n} rows, as many as several vocabs, whose pad and 'xxfake' rows differ "
                          f"({[vrows[i] for i in ms]}): pass the rows yourself, e.g. extra_idxs={list(vrows[ms[0]][1:])}")
@@ -254,10 +475,26 @@ def _check_emb(name, e, pad, rows):
                          f"or build the data so that 'xxpad' sits at {pi}")
     if getattr(e, 'sparse', False): raise ValueError(f"Embedding '{name}' has sparse=True: PadGuard zeroes rows of dense gradients and does not support "
                                                      "sparse ones; build it with sparse=False")
-    _check_rows(name, e.weight.shape[0], rows)
 
 def _param_names(model:nn.Module)->dict:
     "Map `id` of each parameter of `model` to all its names, tied names included"
     res = {}
     for n,p in model.named_parameters(remove_duplicate=False): res.setdefault(id(p), []).append(n)
+    return res
+
+def _targets(model, p, rows, how, pnames, names, pad, bias=None)->list:
+    "The `Target`s for table or output weight `p`: itself, its `bias`, and the PEFT trainable-tokens rows that stand in for its rows"
+    name = ' = '.join(pnames.get(id(p), ['?']))
+    _check_rows(name, p.shape[0], rows)
+    for e in model.modules():
+        if isinstance(e, EMB_TYPES) and e.weight is p: _check_emb(names[e], e, pad, rows)
+    res = [Target(name, p, rows, how)]
+    if isinstance(bias, nn.Parameter): res.append(Target(' = '.join(pnames.get(id(bias), ['?'])), bias, rows, f'the bias of a layer that {how}'))
+    for m in model.modules():
+        if hasattr(m, 'trainable_tokens_delta') and getattr(getattr(m, 'base_layer', None), 'weight', None) is p:
+            for a,idx in getattr(m, 'token_indices', {}).items():
+                if a not in m.trainable_tokens_delta: continue
+                d = m.trainable_tokens_delta[a]
+                drows = tuple(j for j,t in enumerate(idx) if t in rows)
+                if drows: res.append(Target(' = '.join(pnames.get(id(d), ['?'])), d, drows, f"PEFT trainable tokens {[idx[j] for j in drows]} of {name}"))
     return res

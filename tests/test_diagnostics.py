@@ -68,7 +68,9 @@ def test_monitor_records_no_host_sync(lm):
     learn = lm(cbs=PadMonitor('fake'))
     learn.fit(1, 1e-2)
     mon = learn.pad_monitor
-    mon.before_fit(); mon.before_train()
+    learn.training = True
+    b = learn.dls.one_batch(); learn.xb, learn.yb = b[:1], b[1:]
+    mon.before_fit(); mon.before_batch()
     rec = RecordOps()
     with rec:
         for _ in range(3): mon.after_step()

@@ -121,7 +121,9 @@ def test_no_host_device_sync_in_hot_path(lm):
     learn = lm(wd=0.1).padguard()
     learn.fit(1, 1e-2)  # builds once-per-fit state
     guard, lf = learn.pad_guard, learn.loss_func
-    guard.before_fit(); guard.before_train()
+    learn.training = True
+    learn.xb, learn.yb = learn.dls.one_batch()[:1], learn.dls.one_batch()[1:]
+    guard.before_fit(); guard.before_batch()
     x = torch.randn(4, 16, len(learn.dls.vocab), requires_grad=True)
     t = torch.randint(0, len(learn.dls.vocab), (4, 16))
     learn.model.zero_grad()
@@ -129,7 +131,7 @@ def test_no_host_device_sync_in_hot_path(lm):
     rec = RecordOps()
     with rec:
         guard.after_backward()
-        guard.after_step()
+        guard.write_back()
         loss = lf(x, t)
         loss.backward()
     guard.after_fit()

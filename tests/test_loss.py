@@ -234,3 +234,52 @@ def test_untied_lm_gets_the_loss_and_its_decoder_guarded(lm, lm_dls, mode):
     learn.fit(1, 1e-2)
     for p, b in zip((enc, dec, learn.model[1].decoder.bias), before):
         assert torch.equal(p.detach()[rows], torch.zeros_like(b) if mode=='zero' else b)
+
+def reference_all(x, t, rows, ignore_index=-100, reduction='mean', weight=None, smoothing=0.):
+    """float64 reference for every option: the `rows` columns deleted from the logits, targets in `rows` or equal to
+    `ignore_index` dropped, then torch's own cross-entropy on what is left (class weights and smoothing over the kept columns)"""
+    x, t = x.reshape(-1, x.shape[-1]).double(), t.reshape(-1)
+    cols = [c for c in range(x.shape[1]) if c not in rows]
+    new = {c:j for j,c in enumerate(cols)}
+    keep = torch.tensor([int(v) != ignore_index and int(v) not in rows for v in t])
+    tt = torch.tensor([new.get(int(v), -100) for v in t])
+    w = None if weight is None else weight.double()[cols]
+    res = F.cross_entropy(x[:, cols], tt, weight=w, reduction='none', label_smoothing=smoothing, ignore_index=-100) * keep
+    if reduction == 'none': return res
+    if reduction == 'sum': return res.sum()
+    den = keep.double().sum() if w is None else (w[tt.clamp(min=0)] * keep).sum()
+    return res.sum() / den
+
+PAD0 = [dict(pad=0, extra=[]), dict(pad=0, extra=[5, 9]), dict(pad=3, extra=[0]), dict(pad=2, extra=[0, 1])]
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('case', PAD0, ids=lambda c: f"pad{c['pad']}-extra{c['extra']}")
+@pytest.mark.parametrize('opts', [{}, dict(smoothing=0.1), dict(weight=True), dict(ignore_index=7)], ids=['plain', 'smoothing', 'weight', 'ignore7'])
+def test_row_zero_left_out_with_ignored_targets(case, reduction, opts):
+    "Column 0 left out and targets ignored (-100, a custom ignore_index, the pad itself): finite, equal to the float64 reference"
+    torch.manual_seed(0)
+    V = 12
+    x = torch.randn(3, 6, V, dtype=torch.float64) * 3
+    t = torch.randint(0, V, (3, 6))
+    ig = opts.get('ignore_index', -100)
+    t[0, 1] = ig; t[1, 0] = case['pad']; t[2, 3] = ig; t[2, 4] = 0
+    weight = torch.rand(V, dtype=torch.float64) + .5 if opts.get('weight') else None
+    kw = dict(reduction=reduction, label_smoothing=opts.get('smoothing', 0.), weight=weight, ignore_index=ig)
+    x1 = x.clone().requires_grad_(); x2 = x.clone().requires_grad_()
+    loss = PadCrossEntropyLossFlat(case['pad'], extra_idxs=case['extra'], **kw)(x1, t)
+    rows = {case['pad'], *case['extra']}
+    ref = reference_all(x2, t, rows, ig, reduction, weight, opts.get('smoothing', 0.))
+    assert torch.isfinite(loss).all()
+    assert torch.allclose(loss, ref.reshape(loss.shape), rtol=1e-10, atol=1e-12), (loss, ref)
+    (loss.sum() if reduction=='none' else loss).backward()
+    (ref.sum() if reduction=='none' else ref).backward()
+    assert torch.isfinite(x1.grad).all() and (x1.grad - x2.grad).abs().max() <= 1e-12
+    assert torch.equal(x1.grad[..., sorted(rows)], torch.zeros(3, 6, len(rows), dtype=torch.float64))
+
+def test_issue_example_pad_zero_minus_100():
+    "The report: PadCrossEntropyLossFlat(0) on targets [3, -100, 5, 6, 7, 8] was nan"
+    torch.manual_seed(0)
+    x = torch.randn(6, 10, dtype=torch.float64)
+    t = torch.tensor([3, -100, 5, 6, 7, 8])
+    loss = PadCrossEntropyLossFlat(0)(x, t)
+    assert torch.isfinite(loss) and torch.allclose(loss, reference_all(x, t, {0}), rtol=1e-10)
