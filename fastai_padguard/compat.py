@@ -8,9 +8,10 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/compat.html.md"""
 from __future__ import annotations
 from fastai.text.models.awdlstm import WeightDropout
 from fastai.basics import *
+import functools
 
 # %% auto #0
-__all__ = ['patch_weight_dropout']
+__all__ = ['patch_weight_dropout', 'weight_dropout_remedy_needed']
 
 # %% ../nbs/05_compat.ipynb #c006
 def _setweights(self:WeightDropout):
@@ -32,3 +33,17 @@ def patch_weight_dropout():
     old = WeightDropout._setweights
     WeightDropout._setweights = _setweights
     return _Undo(old)
+
+# %% ../nbs/05_compat.ipynb #c014
+@functools.cache
+def _crashes()->bool:
+    "Whether fastai's `WeightDropout` with `weight_p=0` fails here: train, set the weights, reset, as a fit does"
+    with torch.random.fork_rng(devices=[]): wd = WeightDropout(nn.LSTM(2, 2), weight_p=0.)  # leaves the RNG as it was
+    try:
+        wd.train(); wd._setweights(); wd.reset()
+        return False
+    except Exception: return True
+
+def weight_dropout_remedy_needed(model:nn.Module)->bool:
+    "Whether `model` has a `WeightDropout` with `weight_p=0` that this fastai and torch crash on"
+    return any(isinstance(m, WeightDropout) and m.weight_p == 0 for m in model.modules()) and _crashes()

@@ -10,6 +10,8 @@ from fastai.basics import *
 from fastai.distributed import DistributedTrainer
 from .rows import *
 from .losses import PadCrossEntropyLossFlat
+from .compat import patch_weight_dropout, weight_dropout_remedy_needed
+from contextlib import nullcontext
 
 # %% auto #0
 __all__ = ['GuardedStep', 'pad_loss_rows', 'PadGuard']
@@ -53,7 +55,7 @@ class PadGuard(Callback):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
         self.pad_idx = None if pad_idx is None else check_idx(pad_idx, 'pad_idx')
         self.mode,self.extra_idxs,self.emb,self.out = mode,check_extra_idxs(extra_idxs),emb,out
-        self._ps,self._saved,self.resolution,self.loss,self.loss_note = None,None,None,None,None
+        self._ps,self._saved,self.resolution,self.loss,self.loss_note,self._wd = None,None,None,None,None,None
 
     def resolve(self,
         batch:tuple|None=None, # `(xb, yb)` to find the rows from; by default one drawn from `learn.dls`, leaving it as it was
@@ -61,7 +63,9 @@ class PadGuard(Callback):
     )->Guarded:
         "What is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
         if batch is None: batch = learner_batch(self.learn)
-        g = find_guarded(self.learn.model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, self.learn)
+        model = self.learn.model
+        with patch_weight_dropout() if weight_dropout_remedy_needed(model) else nullcontext():
+            g = find_guarded(model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, self.learn)
         if check_loss: pad_loss_rows(self.learn.loss_func, g, self.loss)
         return g
 
@@ -77,8 +81,10 @@ class PadGuard(Callback):
                                     "then learn.padguard(...) or learn.add_cb(PadGuard(...)) once")
 
     def before_fit(self):
+        "Check that it is the only guard; where fastai needs it, apply the weight-dropout remedy for this fit"
         self._one_guard()
         self._ps = None
+        if self._wd is None and weight_dropout_remedy_needed(self.learn.model): self._wd = patch_weight_dropout()
 
     def before_batch(self):
         "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch"
@@ -122,8 +128,9 @@ class PadGuard(Callback):
             if cur.had: opt.step = cur.step
             else: del opt.step
         self._ps = self._saved = None
+        if self._wd is not None: self._wd.undo(); self._wd = None
 
-    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None}
+    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None, '_wd': None}
 
     def __repr__(self):
         s = f"PadGuard(mode={self.mode!r}" + (f", emb={self.emb!r}" if self.emb is not None else '') + (f", out={self.out!r}" if self.out is not None else '')

@@ -53,6 +53,11 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     names = {m:n for n,m in model.named_modules()}
     vocabs = text_vocabs(vocab)
     hfs = _hf_models(model)
+    if not (vocabs or hfs or pad_idx is not None or emb is not None or any(e.padding_idx is not None for e in model.modules() if isinstance(e, EMB_TYPES))):
+        raise ValueError("padguard() and PadGuard are for text models: this learner has no text vocab (a fastai vocab holding 'xxpad'), no "
+                         "Hugging Face model, and no embedding built with padding_idx, so there is no pad row to guard (a vision, tabular or "
+                         "feature model has none). For a text model built otherwise, name the pad row and the token table yourself: "
+                         "learn.padguard(pad_idx=0, emb='the.embedding')")
     pads = [vocab_pad(v, pad_idx) for v in vocabs]
     vrows = [_rows(p, extra, v) for p,v in zip(pads, vocabs)]
     ev, notes = None, []

@@ -22,7 +22,7 @@ def test_loss_bench_runs():
 import pytest
 @pytest.mark.parametrize('saved', ['results.json', 'results-cuda.json', 'results-cuda-250k.json'])
 def test_readme_table_is_the_saved_run(saved):
-    "README's cost tables are `bench/step.py --table bench/<saved run>`, so the figures come from runs anyone can repeat"
+    "The cost tables (bench/README.md) are `bench/step.py --table bench/<saved run>`, so the figures come from runs anyone can repeat"
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(ROOT/'bench'/saved)],
                            check=True, capture_output=True, text=True).stdout.strip()
-    assert table in (ROOT/'README.md').read_text()
+    assert table in (ROOT/'bench'/'README.md').read_text()

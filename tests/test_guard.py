@@ -169,3 +169,25 @@ def test_only_a_training_fit_changes_weights(lm, mode):
     w = learn.model[0].encoder.weight.detach()
     assert torch.equal(w[[1, 29]], torch.zeros(2, 32) if mode=='zero' else before['0.encoder.weight'][[1, 29]])
     assert learn.pad_monitor.values.shape[0] == len(learn.dls.train)
+
+def test_thread_configuration_trains_validates_exports(lm_dls, tmp_path):
+    "The forum thread's setup (drop_mult=0, tied, wd=1e-2) with padguard(): fit, validate, export, load_learner; fastai's own WeightDropout after"
+    from fastai.text.models.awdlstm import WeightDropout
+    from fastai_padguard.compat import weight_dropout_remedy_needed
+    orig = WeightDropout._setweights
+    make = lambda: language_model_learner(lm_dls, AWD_LSTM, config=small_lm_config(), drop_mult=0., wd=1e-2, pretrained=False, path=tmp_path)
+    if weight_dropout_remedy_needed(make().model):   # the control: plain fastai crashes on this pair (fastai 2.8.12, torch >= 2.13)
+        plain = make(); plain.remove_cb(ProgressCallback); plain.logger = noop
+        with pytest.raises(Exception, match='weight_hh_l0'): plain.fit(1, 1e-3)
+        assert WeightDropout._setweights is orig
+    learn = make().padguard()
+    learn.remove_cb(ProgressCallback); learn.logger = noop
+    learn.fit_one_cycle(1, 1e-3)
+    assert WeightDropout._setweights is orig, "fastai's method is back after the fit"
+    learn.validate()
+    learn.export('thread.pkl')
+    learn2 = load_learner(tmp_path/'thread.pkl')
+    learn2.predict('MKV', n_words=3, no_bar=True)
+    assert WeightDropout._setweights is orig
+    rows = guarded_rows_of(lm_dls.vocab)
+    for l in (learn, learn2): assert torch.equal(l.model[0].encoder.weight.detach()[rows], torch.zeros(len(rows), 32))

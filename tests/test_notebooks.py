@@ -82,21 +82,52 @@ def test_stored_outputs_read_without_running():
         assert sum(bool(_outputs(c)) for c in cs) >= 3, f"{n} is committed without its outputs: run nbdev-test --save"
     assert any('image/png' in o.get('data', {}) for c in _cells(ROOT/'nbs'/'07_tutorial.ipynb') for o in _outputs(c))
 
+# Quarto wraps long output lines at spaces; Jupyter's stylesheet breaks them anywhere (`pad` / `ding_idx`): the stand-in does as Quarto
+OUTPUT_CSS = '<style>.jp-OutputArea-output pre, .jp-RenderedText pre {word-break: normal; overflow-wrap: break-word}</style>'
+
+def _as_quarto(nb):
+    "What Quarto does with a page that nbconvert does not: the front matter becomes the title and description, hidden sources hidden"
+    import nbformat, yaml
+    cells = []
+    for c in nb.cells:
+        if c.cell_type == 'raw' and c.source.lstrip().startswith('---'):
+            fm = yaml.safe_load(c.source.strip().strip('-'))
+            c = nbformat.v4.new_markdown_cell(f"# {fm['title']}" + (f"\n\n> {fm['description']}" if fm.get('description') else ''))
+        c.metadata.pop('execution', None)
+        if c.cell_type == 'code' and '#| echo: false' in c.source: c.metadata['transient'] = {'remove_source': True}
+        cells.append(c)
+    nb.cells = cells
+    return nb
+
 def test_docs_render_to_html(proc):
-    "The published pages render to HTML (nbconvert stands in for Quarto here); the tutorial shows its plot"
+    "The published pages render to HTML (nbconvert stands in for Quarto): a title, no raw front matter, the tutorial's plot"
     import nbformat
     from nbconvert import HTMLExporter
     out = Path(os.environ.get('PADGUARD_HTML_OUT', proc.parent/'html')); out.mkdir(parents=True, exist_ok=True)
     for n in NBS:
-        nb = nbformat.read(proc/n, as_version=4)
-        nb.cells = [c for c in nb.cells if c.cell_type != 'raw']  # Quarto's front matter
-        for c in nb.cells:
-            c.metadata.pop('execution', None)
-            if '#| echo: false' in c.source: c.metadata['transient'] = {'remove_source': True}  # as Quarto hides it
+        title = _cells(ROOT/'nbs'/n)[0]['source'][0].lstrip('# ').strip()
+        nb = _as_quarto(nbformat.read(proc/n, as_version=4))
         html, _ = HTMLExporter().from_notebook_node(nb)
+        html = html.replace('</head>', OUTPUT_CSS + '</head>', 1)
         (out/n.replace('.ipynb', '.html')).write_text(html)
         assert 'Traceback' not in html, n
+        assert re.search(rf'<h1[^>]*>{re.escape(title)}', html), f"{n}: no title {title!r} on the page"
+        assert 'output-file:' not in html and not re.search(r'^---$', html, re.M), f"{n}: raw front matter on the page"
     assert re.search(r'<img[^>]+src="data:image/png;base64,', (out/'07_tutorial.html').read_text())
+
+@pytest.mark.parametrize('name', NBS)
+def test_no_progress_bar_in_stored_outputs(name):
+    "fastai's text progress bar (a stray bar from a fit without no_bar) is never left in a page; its epoch table may be"
+    for c in _cells(ROOT/'nbs'/name):
+        for o in _outputs(c):
+            t = _text(o) if o.get('output_type') == 'stream' else ''.join(o.get('data', {}).get('text/plain', ''))
+            assert not re.search(r'\|-{10,}\||█|\d+\.\d+% \[\d+/\d+', t), f"{name} {c.get('id')}: a progress bar is stored:\n{t[:200]}"
+
+@pytest.mark.parametrize('name', NBS)
+def test_valid_for_plain_nbconvert(name):
+    "Each committed notebook is valid nbformat, as plain `jupyter nbconvert` requires"
+    import nbformat
+    nbformat.validate(nbformat.read(ROOT/'nbs'/name, as_version=4))
 
 def test_quarto_config_lists_every_notebook():
     yml = (ROOT/'nbs'/'sidebar.yml').read_text()

@@ -39,6 +39,14 @@ def test_ci_runs_readme_commands():
     assert 'pip install .' in readme, "the user install"
     assert '../shared' not in readme and 'seed thread' not in readme
 
+def test_github_workflows_are_nbdevs_pinned_to_ci():
+    "nbdev's usual workflows: tests on push run exactly .ci/run; docs built by Quarto with nbdev 3's nbdev-docs and deployed"
+    wf = ROOT/'.github'/'workflows'
+    test, deploy = (wf/'test.yaml').read_text(), (wf/'deploy.yaml').read_text()
+    assert 'push' in test and 'bash .ci/run' in test
+    assert 'quarto-dev/quarto-actions/setup' in deploy and 'nbdev-docs' in deploy and 'publish_dir: ./_docs' in deploy
+    assert 'doc_path = "_docs"' in (ROOT/'pyproject.toml').read_text()
+
 def test_all_exports_only_what_a_user_calls():
     "`from fastai_padguard.all import *` adds exactly the user-facing names; helpers and example data stay in their modules"
     ns = {}

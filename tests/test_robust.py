@@ -1,6 +1,7 @@
 "The guarantee holds through what fastai does, and misuse fails early and clearly (issue: robustness)"
 import math
 import torch, pytest
+import numpy as np
 from fastai.text.all import *
 from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai_padguard.all import *
@@ -209,7 +210,7 @@ MISUSE = [
     ("negative pad_idx", lambda d: PadGuard(pad_idx=-1), ValueError, "pad_idx=-1 is negative"),
     ("pad_idx past the vocab", lambda d: language_model_learner(d, AWD_LSTM, config=small_lm_config(), pretrained=False).padguard(pad_idx=99), ValueError, "pad_idx=99 is out of range for a vocab of 32"),
     ("no embedding", lambda d: Learner(d, nn.Linear(16, 32), loss_func=CrossEntropyLossFlat()).padguard(), ValueError, "No token embedding"),
-    ("no vocab, no padding_idx", lambda d: Learner(DataLoaders.from_dsets([(torch.zeros(4).long(),)*2]*8, [(torch.zeros(4).long(),)*2]*2, bs=4), nn.Embedding(5, 3), loss_func=CrossEntropyLossFlat()).padguard(), ValueError, "Can't tell the pad index"),
+    ("no vocab, no padding_idx", lambda d: Learner(DataLoaders.from_dsets([(torch.zeros(4).long(),)*2]*8, [(torch.zeros(4).long(),)*2]*2, bs=4), nn.Embedding(5, 3), loss_func=CrossEntropyLossFlat()).padguard(), ValueError, "padguard() and PadGuard are for text models"),
     ("vocab 'xxpad' != padding_idx", lambda d: language_model_learner(d, AWD_LSTM, config=small_lm_config(pad_token=0), pretrained=False).padguard(), ValueError, "pad index is 1 but embedding '0.encoder' was built with padding_idx=0"),
     ("extra_idxs out of range", lambda d: language_model_learner(d, AWD_LSTM, config=small_lm_config(), pretrained=False).padguard(extra_idxs=[40]), ValueError, "Row 40 is out of range"),
     ("extra_idxs not ints", lambda d: PadGuard(extra_idxs=['a']), TypeError, "extra_idxs item='a' is not an int"),
@@ -319,3 +320,33 @@ def test_cuda_compiled_model_with_guard():
     w = m.transformer.wte.weight.detach()
     assert torch.equal(w[rows], torch.zeros(len(rows), w.shape[1], device='cuda'))
     assert isinstance(learn.loss_func, PadCrossEntropyLossFlat)
+
+
+# ---- not a text model: one clear error before anything changes (issue 18) ----
+def _vision_learner():
+    "A vision Learner: image tensors in, class labels (fastai's vocab of class names) out"
+    x = torch.rand(32, 3, 8, 8); y = torch.arange(32) % 2
+    dls = DataLoaders.from_dsets([(TensorImage(x[i]), TensorCategory(y[i])) for i in range(24)],
+                                 [(TensorImage(x[i]), TensorCategory(y[i])) for i in range(24, 32)], bs=8)
+    dls.vocab = ['cat', 'dog']
+    return Learner(dls, nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), loss_func=CrossEntropyLossFlat())
+
+def _tabular_learner():
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, Normalize
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({'a': rng.choice(['x', 'y', 'z'], 64), 'b': rng.choice(['u', 'v'], 64), 'c': rng.normal(size=64), 'y': rng.choice(['p', 'q'], 64)})
+    dls = TabularDataLoaders.from_df(df, cat_names=['a', 'b'], cont_names=['c'], y_names='y', procs=[Categorify, Normalize], bs=16)
+    return tabular_learner(dls, layers=[8])
+
+def _features_learner():
+    x = torch.randn(64, 10); y = (x[:, 0] > 0).long()
+    return Learner(DataLoaders.from_dsets(list(zip(x[:48], y[:48])), list(zip(x[48:], y[48:])), bs=16), nn.Linear(10, 2), loss_func=CrossEntropyLossFlat())
+
+@pytest.mark.parametrize('make', [_vision_learner, _tabular_learner, _features_learner], ids=['vision', 'tabular', 'features'])
+def test_not_a_text_model_says_so_first(make):
+    learn = make()
+    lf, cbs = learn.loss_func, list(learn.cbs)
+    with pytest.raises(ValueError, match=r"padguard\(\) and PadGuard are for text models.*learn.padguard\(pad_idx=0, emb="): learn.padguard()
+    assert learn.loss_func is lf and list(learn.cbs) == cbs
+    learn.add_cb(PadGuard())
+    with pytest.raises(ValueError, match='for text models'): learn.fit(1)
