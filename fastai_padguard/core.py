@@ -19,12 +19,16 @@ __all__ = ['GuardedStep', 'pad_loss_rows', 'PadGuard']
 # %% ../nbs/01_core.ipynb #c004
 class GuardedStep:
     "The optimizer's `step`, then the guard's write-back in `finally`: no event, exception or interrupt comes between them"
-    def __init__(self, step, guard, had:bool): store_attr()
+    def __init__(self,
+        step, # The optimizer's step it wraps
+        guard, # The `PadGuard` whose rows it writes back
+        had:bool, # Whether that step was set on the optimizer itself (put back after the fit) rather than its class's method
+    ): store_attr()
     def __call__(self, *args, **kwargs):
         try: return self.step(*args, **kwargs)
         finally: self.guard.write_back()
 
-def pad_loss_rows(lf, # The learner's loss
+def pad_loss_rows(lf:Callable, # The learner's loss
                   g:Guarded, # What the guard found
                   owned=None, # The loss `padguard()` built, whose rows always follow the guard's
                  )->tuple|None:
