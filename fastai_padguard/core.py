@@ -59,7 +59,7 @@ class PadGuard(Callback):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
         self.pad_idx = None if pad_idx is None else check_idx(pad_idx, 'pad_idx')
         self.mode,self.extra_idxs,self.emb,self.out = mode,check_extra_idxs(extra_idxs),emb,out
-        self._ps,self._saved,self.resolution,self.loss,self.loss_note,self._wd = None,None,None,None,None,None
+        self._ps,self._saved,self.resolution,self.pad_loss,self.loss_note,self._wd = None,None,None,None,None,None
 
     def resolve(self,
         batch:tuple|None=None, # `(xb, yb)` to find the rows from; by default one drawn from `learn.dls`, leaving it as it was
@@ -70,7 +70,7 @@ class PadGuard(Callback):
         model = self.learn.model
         with patch_weight_dropout() if weight_dropout_remedy_needed(model) else nullcontext():
             g = find_guarded(model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, self.learn)
-        if check_loss: pad_loss_rows(self.learn.loss_func, g, self.loss)
+        if check_loss: pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         return g
 
     @property
@@ -98,7 +98,7 @@ class PadGuard(Callback):
         "Find the targets from this batch, give the loss its rows, zero (or keep aside) the rows, and wrap the optimizer's step"
         self._one_guard()
         g = self.resolve((self.xb, self.yb), check_loss=False)
-        rows = pad_loss_rows(self.learn.loss_func, g, self.loss)
+        rows = pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         if rows is not None: self.learn.loss_func.set_rows(g.pad_idx, rows)
         ps = [(t.param, rows_on(t.rows, t.param.device)) for t in g.targets]
         self._saved = [p.detach().index_select(0, i) for p,i in ps] if self.mode=='freeze' else None

@@ -31,11 +31,11 @@ def padguard(self:Learner,
     try:
         g = cb.resolve(check_loss=False)  # raises before the learner is touched
         old = getattr(self, 'pad_guard', None)
-        new_loss, note = _new_loss(self.loss_func, loss, g, getattr(old, 'loss', None))
+        new_loss, note = _new_loss(self.loss_func, loss, g, getattr(old, 'pad_loss', None))
     finally: cb.learn = None
     self.remove_cbs(self.cbs.filter(lambda o: isinstance(o, PadGuard)))
     self.add_cb(cb)
-    if new_loss is not self.loss_func: cb.loss = new_loss  # the loss it built: its rows follow the guard's at every fit
+    if new_loss is not self.loss_func: cb.pad_loss = new_loss  # the loss it built: its rows follow the guard's at every fit
     self.loss_func, cb.loss_note = new_loss, note
     for n in g.notes + ([note] if note else []): warnings.warn(n, stacklevel=2)
     return self

@@ -117,9 +117,10 @@ def test_docs_render_to_html(proc):
 
 @pytest.mark.parametrize('name', NBS)
 def test_no_progress_bar_in_stored_outputs(name):
-    "fastai's text progress bar (a stray bar from a fit without no_bar) is never left in a page; its epoch table may be"
+    "fastai's text progress bar (a stray bar from a fit without no_bar) and warnings on stderr are never left in a page; its epoch table may be"
     for c in _cells(ROOT/'nbs'/name):
         for o in _outputs(c):
+            assert o.get('name') != 'stderr', f"{name} {c.get('id')}: stderr stored on the page:\n{_text(o)[:200]}"
             t = _text(o) if o.get('output_type') == 'stream' else ''.join(o.get('data', {}).get('text/plain', ''))
             assert not re.search(r'\|-{10,}\||█|\d+\.\d+% \[\d+/\d+', t), f"{name} {c.get('id')}: a progress bar is stored:\n{t[:200]}"
 
