@@ -48,7 +48,7 @@ def lm_dls_of(letters:str, n=300, bs=16, seq_len=16):
     tb = TextBlock.from_df('text', is_lm=True, seq_len=seq_len, tok=CharTokenizer(), rules=[], n_workers=0, min_freq=1)
     return DataBlock(blocks=tb, get_x=ColReader('text'), splitter=ColSplitter('is_valid')).dataloaders(df, bs=bs, seq_len=seq_len, num_workers=0)
 
-def ids_dls(n_tok, pad, n=96, seq=12, lo=2, label=None, seed=0, mask_id=None, device=None):
+def ids_dls(n_tok, pad, n=96, seq=12, lo=3, label=None, seed=0, mask_id=None, device=None):
     "Generated padded batches: LM (x, next token) pairs, (x, label) with `label` classes, or masked-LM pairs when `mask_id` is set"
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(lo, n_tok, (n, seq+1), generator=g)
@@ -70,3 +70,24 @@ def params_of(model): return {n: p.detach().clone() for n,p in model.named_param
 class HFLogits(Callback):
     "What fastai's transformers tutorial does: keep the logits of a Hugging Face output"
     def after_pred(self): self.learn.pred = self.pred.logits
+
+from torch.utils._python_dispatch import TorchDispatchMode
+class RecordOps(TorchDispatchMode):
+    "Records the name of every aten op run inside it: a host-device sync shows up as one of `SYNC_OPS`"
+    def __init__(self): super().__init__(); self.ops = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+SYNC_OPS = {'_local_scalar_dense', 'nonzero', 'masked_select', 'item'}
+
+class NanoGPT(nn.Module):
+    "nanoGPT's layout: token table `wte`, position table `wpe` (here as many rows as the vocab), tied head"
+    def __init__(self, n, block, d=16):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(n, d), wpe=nn.Embedding(block, d)))
+        self.block = nn.TransformerEncoderLayer(d, 2, 32, dropout=0., batch_first=True)
+        self.lm_head = nn.Linear(d, n, bias=False); self.lm_head.weight = self.transformer.wte.weight
+    def forward(self, x):
+        pos = torch.arange(x.shape[1], device=x.device)
+        return self.lm_head(self.block(self.transformer.wte(x) + self.transformer.wpe(pos)))

@@ -2,6 +2,7 @@
 import torch, pytest
 from fastai.text.all import *
 from fastai_padguard.all import *
+from conftest import RecordOps, SYNC_OPS
 from fastai_padguard.data import *
 
 def test_lm_audit_matches_independent_counts(lm_dls):
@@ -64,7 +65,6 @@ def test_monitor_plain_vs_guarded(lm):
     assert len(ax.lines) == 2
 
 def test_monitor_records_no_host_sync(lm):
-    from test_guard import RecordOps, SYNC_OPS
     learn = lm(cbs=PadMonitor('fake'))
     learn.fit(1, 1e-2)
     mon = learn.pad_monitor

@@ -1,11 +1,10 @@
 "PadGuard and Learner.padguard on real fastai training (issue: core)"
 import pickle, sys
 import torch, pytest
-from torch.utils._python_dispatch import TorchDispatchMode
 from fastai.text.all import *
 from fastai_padguard.all import *
 from fastai_padguard.data import *
-from conftest import guarded_rows_of
+from conftest import guarded_rows_of, RecordOps, SYNC_OPS
 
 def test_zero_mode_tied_awd_lstm_fit_one_cycle(lm, lm_dls):
     learn = lm(wd=0.1, cbs=PadGuard())
@@ -108,13 +107,6 @@ def test_finds_targets_again_after_model_replaced(lm):
     learn.fit(1, 1e-2)
     assert torch.equal(learn.model[0].encoder.weight.detach()[1], torch.zeros(32))
 
-class RecordOps(TorchDispatchMode):
-    def __init__(self): super().__init__(); self.ops = []
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket.__name__))
-        return func(*args, **(kwargs or {}))
-
-SYNC_OPS = {'_local_scalar_dense', 'nonzero', 'masked_select', 'item'}
 
 def test_no_host_device_sync_in_hot_path(lm):
     "The guard's per-batch events and the loss's forward and backward record no op that syncs host and device"

@@ -8,13 +8,10 @@ from fastai.text.all import *
 from fastai_padguard.all import *
 from fastai_padguard.data import protein_lm_dls, protein_seqs, CharTokenizer
 from fastai_padguard.rows import find_guarded
+from conftest import NanoGPT, ids_dls, HFLogits
 
 T = pytest.importorskip('transformers')
 DEV = torch.device(os.environ.get('PADGUARD_DEVICE', 'cpu'))
-
-class Logits(Callback):
-    "What fastai's transformers tutorial does: keep the logits of the HF output"
-    def after_pred(self): self.learn.pred = self.pred.logits
 
 class Wrap(nn.Module):
     "A user's wrapper around an encoder-decoder HF model: (source, decoder input) -> logits"
@@ -23,23 +20,8 @@ class Wrap(nn.Module):
         src, tgt_in = x
         return self.m(input_ids=src, decoder_input_ids=tgt_in).logits
 
-def token_dls(n_tok, pad, n=96, seq=12, lo=3, label=None, seed=0, mask_id=None):
-    "Generated padded batches: LM (x, next token) pairs, or (x, label), or masked-LM pairs when `mask_id` is set"
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(lo, n_tok, (n, seq+1), generator=g)
-    lens = torch.randint(seq//2, seq+2, (n,), generator=g)
-    for i,l in enumerate(lens): x[i, l:] = pad
-    if label is not None:
-        ds = [(x[i,:-1], torch.randint(0, label, (), generator=g)) for i in range(n)]
-    elif mask_id is not None:
-        y = x[:, :-1].clone(); xm = x[:, :-1].clone()
-        m = (torch.rand(y.shape, generator=g) < .3) & (y != pad)
-        xm[m] = mask_id; y[~m] = -100
-        ds = [(xm[i], y[i]) for i in range(n)]
-    else:
-        y = x[:, 1:].clone(); y[y == pad] = -100
-        ds = [(x[i,:-1], y[i]) for i in range(n)]
-    return DataLoaders.from_dsets(ds[:80], ds[80:], bs=16, device=DEV)
+def token_dls(*args, **kwargs): return ids_dls(*args, device=DEV, **kwargs)
+Logits = HFLogits
 
 def seq2seq_dls(src_n, tgt_n, src_pad, tgt_pad, n=96, seq=10, seed=0):
     "((source, decoder input), decoder target) with different vocab sizes"
@@ -185,17 +167,6 @@ def test_t5():
     test_eq(list(names.values()), [(0, 39)])
     assert 'm.shared.weight' in list(names)[0] and 'm.lm_head.weight' in list(names)[0]
     check(learn, before, names, mode='freeze')
-
-class NanoGPT(nn.Module):
-    "nanoGPT's layout: token table `wte`, position table `wpe` (here as many rows as the vocab), tied head"
-    def __init__(self, n, block, d=16):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(n, d), wpe=nn.Embedding(block, d)))
-        self.block = nn.TransformerEncoderLayer(d, 2, 32, dropout=0., batch_first=True)
-        self.lm_head = nn.Linear(d, n, bias=False); self.lm_head.weight = self.transformer.wte.weight
-    def forward(self, x):
-        pos = torch.arange(x.shape[1], device=x.device)
-        return self.lm_head(self.block(self.transformer.wte(x) + self.transformer.wpe(pos)))
 
 def test_nanogpt_position_table_never_guarded():
     dls = protein_lm_dls(n=200, bs=16, seq_len=16, device=DEV)

@@ -6,7 +6,7 @@ from fastai.text.all import *
 from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai_padguard.all import *
 from fastai_padguard.data import *
-from conftest import guarded_rows_of, cuda
+from conftest import guarded_rows_of, cuda, NanoGPT
 
 class RowsCheck(Callback):
     "After every step (and at the end of fit), record whether the guarded rows are as guaranteed"
@@ -306,7 +306,6 @@ def test_cuda_fp16_skipped_steps_keep_rows_exact(lm_dls, mode):
 @cuda
 def test_cuda_compiled_model_with_guard():
     "A torch.compile'd model (module.compile()) trains with padguard(): rows exact, loss swapped"
-    from test_models import NanoGPT
     dls = protein_lm_dls(n=200, bs=16, seq_len=16, device='cuda')
     n = len(dls.vocab)
     m = NanoGPT(n, n).cuda(); m.compile()
