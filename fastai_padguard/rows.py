@@ -257,6 +257,8 @@ def _untouched(model:nn.Module):
     try:
         with torch.random.fork_rng(devices=devs), torch.no_grad():
             model.eval()
+            for m in model.modules():
+                if getattr(m, '_compiled_call_impl', None) is not None: m._compiled_call_impl = None  # `module.compile()`: run it eagerly
             yield
     finally:
         random.setstate(pst); np.random.set_state(nst)
@@ -274,7 +276,8 @@ def _forward(model, xb):
     hs = [register_module_forward_pre_hook(lambda m,i: stack.append(m)), register_module_forward_hook(lambda m,i,o: stack.pop() and None)]
     calls = _Calls(stack)
     try:
-        with calls: out = model(*xb)
+        run = getattr(model, '_orig_mod', model)  # `torch.compile(model)`: the module it wraps
+        with calls: out = torch.compiler.disable(lambda: run(*xb))()  # eager, so that every call is seen
     finally:
         for h in hs: h.remove()
     return calls, out
@@ -348,7 +351,7 @@ class Evidence:
                 a,out = _forward(model, xb)
                 scored = _scored(out, learn)
                 b,_ = _forward(model, shifted)
-            except Exception as e: raise NoEvidence(f"the model failed on a batch ({type(e).__name__}: {e})") from e
+            except Exception as e: raise NoEvidence(f"the model failed on a batch ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
         tables, notes = [], []
         def by_w(calls):
             d = {}

@@ -7,7 +7,7 @@ from fastai.text.all import *
 from fastai_padguard.all import *
 from fastai_padguard.data import *
 from fastai_padguard.rows import find_guarded, learner_batch
-from conftest import quiet, ids_dls, params_of, guarded_rows_of, HFLogits
+from conftest import quiet, ids_dls, params_of, guarded_rows_of, HFLogits, NanoGPT
 
 def check_trained(learn, before, guarded:dict, mode='zero', moved:dict=None):
     "`guarded` `{param name: rows}`: those rows zero (or frozen) bitwise, the other rows trained; `moved` `{param name: rows}`: trained"
@@ -180,3 +180,15 @@ def test_bert_mlm_pad_zero_ignored_labels_finite_losses():
     keep = yb != -100
     ref = F.cross_entropy(logits[..., 1:][keep], yb[keep] - 1)
     assert torch.allclose(learn.loss_func(logits, yb), ref, rtol=1e-10, atol=0)
+
+def test_compiled_models_are_read_eagerly(lm_dls):
+    "`module.compile()` and `torch.compile(module)`: the evidence runs the module eagerly (no compile), and leaves it compiled"
+    n = len(lm_dls.vocab)
+    rows = tuple(guarded_rows_of(lm_dls.vocab))
+    m = NanoGPT(n, n); m.compile()
+    impl = m._compiled_call_impl
+    g = Learner(lm_dls, m, loss_func=CrossEntropyLossFlat()).padguard().pad_guard.resolve()
+    assert g.evidence and not g.notes and g.rows == {'transformer.wte.weight = lm_head.weight': rows}
+    assert m._compiled_call_impl is impl
+    g = Learner(lm_dls, torch.compile(NanoGPT(n, n)), loss_func=CrossEntropyLossFlat()).padguard().pad_guard.resolve()
+    assert g.evidence and g.rows == {'_orig_mod.transformer.wte.weight = _orig_mod.lm_head.weight': rows}
