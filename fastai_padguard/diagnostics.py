@@ -10,6 +10,7 @@ from fastai.basics import *
 from fastai.text.data import LMDataLoader
 from fastprogress.fastprogress import progress_bar
 from .rows import *
+from .core import PadGuard
 
 # %% auto #0
 __all__ = ['PadAudit', 'pad_audit', 'PadMonitor']
@@ -86,7 +87,7 @@ def pad_audit(dls, # Text `DataLoaders` (or one `DataLoader`) with a vocab
 # %% ../nbs/04_diagnostics.ipynb #c013
 class PadMonitor(Callback):
     "Record the max |change| of the pad row (and `idxs`) of the token table after every step"
-    order = 13  # PadGuard.order + 1: at the first batch, the guard has found and zeroed the rows this one records
+    order = PadGuard.order + 1  # at the first training batch, the guard has found and zeroed the rows this one records
     def __init__(self,
         idxs:str|list|None=None, # Other rows to record: 'fake' (the vocab's 'xxfake' rows) or a list of ints
     ):

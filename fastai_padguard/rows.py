@@ -21,12 +21,23 @@ __all__ = ['FAKE', 'EMB_TYPES', 'Target', 'Guarded', 'find_guarded', 'check_idx'
 # %% ../nbs/01a_rows.ipynb #c006
 class Target:
     "One guarded parameter: its `names` (tied names joined by ' = '), the `param`, its `rows`, and `how` it was found"
-    def __init__(self, names:str, param:Tensor, rows:tuple, how:str): store_attr()
+    def __init__(self,
+        names:str, # The parameter's names in the model, tied names joined by ' = '
+        param:Tensor, # The parameter
+        rows:tuple, # Its guarded rows, sorted
+        how:str, # How it was found: by the batch's evidence, by name and size, or named with `emb=`/`out=`
+    ): store_attr()
     def __repr__(self): return f"{self.names}: rows {list(self.rows)} ({self.how})"
 
 class Guarded:
     "What `find_guarded` found: a `Target` per parameter, `pad_idx`, the loss's `loss_rows` (`None`: no output layer writes the vocab), `notes`, `evidence`"
-    def __init__(self, targets:list, pad_idx:int, loss_rows:tuple|None, notes:list, evidence:bool): store_attr()
+    def __init__(self,
+        targets:list, # A `Target` per guarded parameter, in the model's parameter order
+        pad_idx:int, # The pad index of the output layer (or, without one, of the first token table)
+        loss_rows:tuple|None, # The output layer's guarded rows: the columns the loss leaves out; `None` when no output layer writes the vocab
+        notes:list, # Things the user should know (a pad that is also EOS, a transform after the head, why the evidence was not used)
+        evidence:bool, # Whether one batch decided (else the name and size rules)
+    ): store_attr()
     @property
     def rows(self)->dict:
         "`{parameter names: rows}`"
@@ -96,7 +107,9 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
 FAKE = 'xxfake'
 EMB_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
-def check_idx(i, name:str)->int:
+def check_idx(i, # A row index, as the user gave it
+              name:str, # The argument's name, for the message
+             )->int:
     "`i` as an `int` row index, or a `TypeError`/`ValueError` that says what is wrong with it"
     if isinstance(i, bool): raise TypeError(f"{name}={i!r} is a bool; pass a row index (an int)")
     try: i = operator.index(i)
@@ -104,7 +117,8 @@ def check_idx(i, name:str)->int:
     if i < 0: raise ValueError(f"{name}={i} is negative; pass the row index counted from 0, e.g. len(learn.dls.vocab)-1 instead of -1")
     return i
 
-def check_extra_idxs(extra_idxs)->tuple|str|None:
+def check_extra_idxs(extra_idxs, # `None`, 'fake', or row indices as the user gave them
+                    )->tuple|str|None:
     "Validate `extra_idxs`: `None`, `'fake'`, or an iterable of ints"
     if extra_idxs is None or isinstance(extra_idxs, str) and extra_idxs=='fake': return extra_idxs
     if isinstance(extra_idxs, str): raise ValueError(f"extra_idxs={extra_idxs!r}: pass 'fake' (every 'xxfake' row of the vocab) or a list of row indices")
@@ -115,7 +129,9 @@ def check_extra_idxs(extra_idxs)->tuple|str|None:
 
 @functools.lru_cache(maxsize=None)
 def _rows_cached(rows:tuple, device:torch.device)->Tensor: return torch.tensor(rows, dtype=torch.long, device=device)
-def rows_on(rows, device)->Tensor:
+def rows_on(rows, # Row indices
+            device, # Where the tensor goes
+           )->Tensor:
     "`rows` as a long tensor on `device`, made once per `(rows, device)`: nothing on the training path builds one"
     return _rows_cached(tuple(rows), torch.device(device))
 
@@ -125,7 +141,8 @@ def _rows(pad, extra, vocab)->tuple:
     return tuple(sorted({pad, *(extra or [])}))
 
 # %% ../nbs/01a_rows.ipynb #c010
-def text_vocabs(vocab)->list:
+def text_vocabs(vocab, # fastai's `dls.vocab`, or anything else
+               )->list:
     "The token lists of a fastai vocab: one for an LM, those holding 'xxpad' for `[tokens, labels]` or `[source, target]`"
     try:
         if vocab is None or len(vocab)==0: return []
@@ -134,12 +151,14 @@ def text_vocabs(vocab)->list:
     except Exception: return []  # not a fastai vocab (a tokenizer's dict, say)
     return [v for v in vs if PAD in v]
 
-def learn_vocab(learn):
+def learn_vocab(learn, # A `Learner`
+               ):
     "`learn.dls.vocab`, or `None` when the data has none"
     try: return getattr(learn.dls, 'vocab', None)
     except Exception: return None
 
-def learner_batch(learn)->tuple|None:
+def learner_batch(learn, # A `Learner`
+                 )->tuple|None:
     "One `(xb, yb)` of the learner's data (validation first), drawn leaving every RNG and the loader as they were; `None` when there is none"
     dls = getattr(learn, 'dls', None)
     for dl in (getattr(dls, 'valid', None), getattr(dls, 'train', None)):
@@ -159,7 +178,9 @@ def learner_batch(learn)->tuple|None:
         return tuple(b[:n]), tuple(b[n:])
     return None
 
-def vocab_pad(toks, pad_idx):
+def vocab_pad(toks:list, # A token list holding 'xxpad'
+              pad_idx:int|None, # The pad index the user passed, or `None`
+             )->int:
     "The pad index of token list `toks`, checked against `pad_idx` if given"
     vpad = toks.index(PAD)
     if pad_idx is not None and pad_idx >= len(toks):
@@ -328,10 +349,20 @@ class NoEvidence(Exception):
 
 class Evidence:
     "What one batch showed: `tables` (parameters the token ids index), `outs` (`[(weight, (how, bias))]`: the layer whose output the loss scores), `per_token`, `notes`"
-    def __init__(self, tables:list, outs:dict, per_token:bool, notes:list): store_attr()
+    def __init__(self,
+        tables:list, # The parameters the batch's token ids index
+        outs:list, # `[(weight, (how, bias))]`: the layers whose result the loss scores
+        per_token:bool, # Whether the targets are per token (a language model), not per sample (a classifier)
+        notes:list, # What the user should know about how it was read
+    ): store_attr()
 
     @classmethod
-    def of(cls, model:nn.Module, batch:tuple, learn=None, pads:set=frozenset()):
+    def of(cls,
+        model:nn.Module, # The model, run as it is (eval mode, no grad) and left bitwise as it was
+        batch:tuple, # `(xb, yb)`
+        learn:Learner|None=None, # The learner, whose `after_pred` callbacks pick what the loss scores
+        pads:set=frozenset(), # Ids never changed in the second run (the pads: models read padding from them)
+    ):
         "Run `batch` through `model` twice, the second time with its token ids shifted, leaving the model bitwise as it was"
         xb,yb = batch
         p0 = next(model.parameters(), None)
