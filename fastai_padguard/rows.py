@@ -10,7 +10,7 @@ from fastai.basics import *
 from fastai.text.core import PAD
 from fastai.text.models.core import LinearDecoder
 from torch.overrides import TorchFunctionMode
-import functools, operator, random
+import functools, operator, random, sys
 from collections.abc import Mapping
 import numpy as np
 
@@ -298,7 +298,9 @@ def _forward(model, xb):
     calls = _Calls(stack)
     try:
         run = getattr(model, '_orig_mod', model)  # `torch.compile(model)`: the module it wraps
-        with calls: out = torch.compiler.disable(lambda: run(*xb))()  # eager, so that every call is seen
+        f = lambda: run(*xb)
+        if 'torch._dynamo' in sys.modules: f = torch.compiler.disable(f)  # compiled code inside runs eagerly, so every call is seen
+        with calls: out = f()
     finally:
         for h in hs: h.remove()
     return calls, out

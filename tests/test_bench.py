@@ -26,3 +26,7 @@ def test_readme_table_is_the_saved_run(saved):
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(ROOT/'bench'/saved)],
                            check=True, capture_output=True, text=True).stdout.strip()
     assert table in (ROOT/'bench'/'README.md').read_text()
+
+def test_resolve_bench_runs():
+    out = subprocess.run([sys.executable, str(ROOT/'bench'/'resolve.py'), '--reps', '2'], check=True, capture_output=True, text=True, timeout=300).stdout
+    assert 'resolve(), batch drawn from the data' in out
