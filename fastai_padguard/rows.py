@@ -83,7 +83,12 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
                                     "Name it: learn.padguard(emb='the.embedding') or PadGuard(emb=...)")
     tws = [w for w,_ in tables]
     if out is not None: outs = [(o.weight, 'named with out=', getattr(o, 'bias', None)) for o in _named(model, out, names, 'out')]
-    elif ev is not None: outs = [(w, how, b) for w,(how,b) in ev.outs if _writes_vocab(w, tws, vocabs, ev)]
+    elif ev is not None:
+        outs = [(w, how, b) for w,(how,b) in ev.outs if _writes_vocab(w, tws, vocabs, ev)]
+        if not outs and ev.per_token and ev.n_scored in {w.shape[0] for w in tws} | {len(v) for v in vocabs}:
+            raise ValueError(f"The loss scores one column per token ({ev.n_scored}), but no layer was seen writing those columns (not F.linear, "
+                             "nn.Linear or x @ W.T: an einsum?), so its pad row can't be guarded. Name the layer that holds the output weight: "
+                             "learn.padguard(out='the.head') or PadGuard(out=...)")
     else: outs = [(o.weight, 'by name (no batch)', getattr(o, 'bias', None)) for o in _rule_outs(model, tws, hfs)]
     pnames = _param_names(model)
     def rows_of(p, is_out):
@@ -258,7 +263,7 @@ class _Calls(TorchFunctionMode):
         elif func is Tensor.__getitem__ and isinstance(args[0], nn.Parameter) and args[0].dim()==2: w,ids = args
         elif func is F.linear:
             self.linears.append((_arg(args, kwargs, 1, 'weight'), _arg(args, kwargs, 2, 'bias'), res, mod)); return res
-        elif func in (torch.matmul, Tensor.__matmul__, Tensor.matmul) and len(args)==2 and isinstance(args[1], Tensor) and args[1].dim()==2:
+        elif func in (torch.matmul, Tensor.__matmul__, Tensor.matmul, torch.mm, Tensor.mm) and len(args)==2 and isinstance(args[1], Tensor) and args[1].dim()==2:
             self.linears.append((args[1], None, res, mod)); return res
         else: return res
         if isinstance(ids, Tensor) and not ids.is_floating_point() and ids.dtype is not torch.bool:
@@ -355,6 +360,7 @@ class Evidence:
         tables:list, # The parameters the batch's token ids index
         outs:list, # `[(weight, (how, bias))]`: the layers whose result the loss scores
         per_token:bool, # Whether the targets are per token (a language model), not per sample (a classifier)
+        n_scored:int|None, # The number of columns of what the loss scores (`None` when it is not a tensor)
         notes:list, # What the user should know about how it was read
     ): store_attr()
 
@@ -416,7 +422,7 @@ class Evidence:
                 if all(p is not q for q,_ in outs): outs.append((p, (how, bias if isinstance(bias, nn.Parameter) else None)))
         y = yb[0] if isinstance(yb, (list, tuple)) and len(yb) else None
         per_token = (_is_ids(y) or isinstance(y, Tensor) and y.dim()>=2 and not y.is_floating_point()) if y is not None else (scored is not None and scored.dim()>=3)
-        return cls(tables, outs, per_token, notes)
+        return cls(tables, outs, per_token, None if scored is None else scored.shape[-1], notes)
 
 def _describe(x)->str:
     "Shapes and dtypes of the tensors in `x`, for error messages"

@@ -192,3 +192,25 @@ def test_compiled_models_are_read_eagerly(lm_dls):
     assert m._compiled_call_impl is impl
     g = Learner(lm_dls, torch.compile(NanoGPT(n, n)), loss_func=CrossEntropyLossFlat()).padguard().pad_guard.resolve()
     assert g.evidence and g.rows == {'_orig_mod.transformer.wte.weight = _orig_mod.lm_head.weight': rows}
+
+class EinsumHead(nn.Module):
+    "An untied head applied with einsum, which the evidence does not see as a layer"
+    def __init__(self, n, d=8):
+        super().__init__()
+        self.tok, self.head = nn.Embedding(n, d), nn.Linear(d, n)
+        self.rnn = nn.GRU(d, d, batch_first=True)
+    def forward(self, x): return torch.einsum('bld,vd->blv', self.rnn(self.tok(x))[0], self.head.weight) + self.head.bias
+
+def test_unseen_output_layer_is_an_error_naming_out(lm_dls):
+    "Per-token, vocab-sized logits that no seen layer wrote: never a silent guess; out= names it"
+    learn = Learner(lm_dls, EinsumHead(len(lm_dls.vocab)), loss_func=CrossEntropyLossFlat(), wd=0.1)
+    lf = learn.loss_func
+    with pytest.raises(ValueError, match=r"no layer was seen writing those columns.*out='the.head'"): learn.padguard()
+    assert learn.loss_func is lf and not learn.cbs.filter(lambda c: isinstance(c, PadGuard))
+    quiet(learn.padguard(out='head'))
+    rows = tuple(guarded_rows_of(lm_dls.vocab))
+    assert learn.pad_guard.guarded == {'tok.weight': rows, 'head.weight': rows, 'head.bias': rows}
+    assert isinstance(learn.loss_func, PadCrossEntropyLossFlat) and learn.loss_func.rows == rows
+    before = params_of(learn.model)
+    learn.fit(1, 1e-2)
+    check_trained(learn, before, learn.pad_guard.guarded)
