@@ -2,7 +2,8 @@
 from .core import PadGuard
 from .losses import PadCrossEntropyLossFlat
 from .learner import padguard
-from .diagnostics import pad_audit, PadMonitor
+from .diagnostics import pad_audit, PadMonitor, row_audit, init_untrained_rows
 from .compat import patch_weight_dropout
 
-__all__ = ['PadGuard', 'padguard', 'PadCrossEntropyLossFlat', 'pad_audit', 'PadMonitor', 'patch_weight_dropout']
+__all__ = ['PadGuard', 'padguard', 'PadCrossEntropyLossFlat', 'pad_audit', 'PadMonitor', 'row_audit', 'init_untrained_rows',
+           'patch_weight_dropout']

@@ -1,4 +1,4 @@
-"""`pad_audit` answers "is pad ever in my batches, what does the loader drop, which rows never occur?"; `PadMonitor` records how far the pad row moves at every step and plots it.
+"""`pad_audit` answers "is pad ever in my batches, what does the loader drop, which rows never occur?"; `PadMonitor` records how far the pad row moves at every step and plots it; `row_audit` finds rows that look untrained or that the data never uses, and `init_untrained_rows` starts them from the mean.
 
 Docs: https://fastai-padguard.github.io/fastai-padguard/diagnostics.html.md"""
 
@@ -13,7 +13,7 @@ from .rows import *
 from .core import PadGuard
 
 # %% auto #0
-__all__ = ['PadAudit', 'pad_audit', 'PadMonitor']
+__all__ = ['PadAudit', 'pad_audit', 'PadMonitor', 'RowAudit', 'row_audit', 'init_untrained_rows']
 
 # %% ../nbs/04_diagnostics.ipynb #c006
 class PadAudit:
@@ -131,3 +131,63 @@ class PadMonitor(Callback):
         ax.set_title(title or ('with PadGuard' if hasattr(self.learn, 'pad_guard') else 'plain fastai'))
         ax.legend(); ax.grid(alpha=.3)
         return ax
+
+# %% ../nbs/04_diagnostics.ipynb #c018
+class RowAudit:
+    "What `row_audit` found per token table and output layer (by parameter names): `untrained`, `unused`, `guarded` rows, `threshold`, `params`"
+    def __init__(self,
+        untrained:dict, # `{names: rows}` whose largest |value| is at most `threshold` (guarded rows left out)
+        unused:dict, # `{names: rows}` whose ids no scanned batch holds (guarded rows left out)
+        guarded:dict, # `{names: rows}` the guard keeps, left out of both
+        threshold:float, # The largest |value| of a row that looks untrained
+        params:dict, # `{names: parameter}`
+    ): store_attr()
+    def __repr__(self):
+        show = lambda rs: f"{len(rs)} {list(rs[:10])}" + (' ...' if len(rs) > 10 else '')
+        return '\n'.join(f"{n}: untrained {show(self.untrained[n])}; never in the data {show(self.unused[n])}" for n in self.params)
+
+# %% ../nbs/04_diagnostics.ipynb #c019
+def row_audit(learn:Learner, # A learner with a text model
+              threshold:float=1e-8, # A row whose largest |value| is at most this looks untrained
+              max_batches:int|None=None, # Training batches to scan for the ids the data uses: all (`None`), or at most this many (0: none)
+             )->RowAudit:
+    "Rows of the token tables and output layer that look untrained, and rows whose ids the data never holds"
+    guard = getattr(learn, 'pad_guard', None)
+    g = guard.resolve(check_loss=False) if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), learn=learn)
+    ts = [t for t in g.targets if t.param.dim()==2 and t.param.shape[0] >= len(t.rows) and not t.how.startswith('PEFT')]
+    n = max(t.param.shape[0] for t in ts)
+    counts = torch.zeros(n, dtype=torch.long)
+    dl = learn.dls.train
+    for i,b in enumerate(dl):
+        if max_batches is not None and i >= max_batches: break
+        def add(x):
+            x = x.flatten().as_subclass(Tensor).cpu(); x = x[(x >= 0) & (x < n)]
+            counts.add_(torch.bincount(x, minlength=n)); return x
+        map_ids(tuple(b), add)
+    scanned = max_batches != 0
+    untrained, unused, guarded, params = {}, {}, {}, {}
+    for t in ts:
+        w = t.param.detach()
+        small = (w.abs().amax(1) <= threshold).nonzero().flatten().tolist()
+        untrained[t.names] = [r for r in small if r not in t.rows]
+        unused[t.names] = [r for r in (counts[:w.shape[0]]==0).nonzero().flatten().tolist() if r not in t.rows] if scanned else []
+        guarded[t.names], params[t.names] = list(t.rows), t.param
+    return RowAudit(untrained, unused, guarded, threshold, params)
+
+# %% ../nbs/04_diagnostics.ipynb #c020
+def init_untrained_rows(learn:Learner, # A learner with a text model
+                        audit:RowAudit|None=None, # What `row_audit` found; by default `row_audit(learn, max_batches=0)`
+                       )->dict:
+    "Set each untrained row to the mean of its table's trained rows, as Unsloth's `fix_untrained_tokens` does; returns `{names: rows set}`"
+    audit = audit or row_audit(learn, max_batches=0)
+    done = {}
+    with torch.no_grad():
+        for n,rows in audit.untrained.items():
+            if not rows: continue
+            p = audit.params[n]
+            left = set(rows) | set(audit.guarded[n])
+            trained = [i for i in range(p.shape[0]) if i not in left]
+            if not trained: raise ValueError(f"'{n}': every row looks untrained (largest |value| <= {audit.threshold}), so there is no mean to start from")
+            p[rows] = p[trained].mean(0).to(p.dtype)
+            done[n] = rows
+    return done

@@ -16,7 +16,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['FAKE', 'EMB_TYPES', 'Target', 'Guarded', 'find_guarded', 'check_idx', 'check_extra_idxs', 'rows_on', 'text_vocabs',
-           'learn_vocab', 'learner_batch', 'vocab_pad', 'NoEvidence', 'Evidence']
+           'learn_vocab', 'learner_batch', 'vocab_pad', 'map_ids', 'NoEvidence', 'Evidence']
 
 # %% ../nbs/01a_rows.ipynb #c006
 class Target:
@@ -313,12 +313,15 @@ def _forward(model, xb):
 # %% ../nbs/01a_rows.ipynb #c014
 def _is_ids(t)->bool: return isinstance(t, Tensor) and t.dim() >= 2 and not t.is_floating_point() and not t.is_complex() and t.dtype is not torch.bool
 
-def _map_ids(x, f, key=None):
+def map_ids(x, # A batch, or part of one: tensors in tuples, lists and mappings
+            f, # Applied to each tensor of token ids; its result replaces it
+            key=None, # The mapping key `x` sits under, if any
+           ):
     "Apply `f` to every tensor of token ids in `x`: integer tensors of 2 or more dims, in a mapping only under keys ending in 'input_ids'"
     if isinstance(x, Tensor): return f(x) if _is_ids(x) and (key is None or str(key).endswith('input_ids')) else x
-    if isinstance(x, Mapping): return type(x)({k:_map_ids(v, f, k) for k,v in x.items()})
+    if isinstance(x, Mapping): return type(x)({k:map_ids(v, f, k) for k,v in x.items()})
     if isinstance(x, (list, tuple)):
-        vs = [_map_ids(v, f, key) for v in x]
+        vs = [map_ids(v, f, key) for v in x]
         return type(x)(*vs) if hasattr(x, '_fields') else type(x)(vs)
     return x
 
@@ -376,14 +379,14 @@ class Evidence:
         p0 = next(model.parameters(), None)
         if p0 is not None: xb = to_device(xb, p0.device)
         n_ids = []
-        _map_ids(xb, lambda t: n_ids.append(t) or t)
+        map_ids(xb, lambda t: n_ids.append(t) or t)
         if not n_ids:
             raise ValueError(f"padguard() and PadGuard are for text models, whose batches hold token ids: this learner's inputs hold no tensor of "
                              f"integer ids ({_describe(xb)}). For a text model whose inputs are built otherwise, name the token table and "
                              "the pad row yourself: learn.padguard(emb='the.embedding', pad_idx=...)")
-        shifted = _map_ids(xb, partial(_shift, keep=set(pads)))
+        shifted = map_ids(xb, partial(_shift, keep=set(pads)))
         moved = []
-        _map_ids(shifted, lambda t: moved.append(t) or t)
+        map_ids(shifted, lambda t: moved.append(t) or t)
         if all(x is y for x,y in zip(n_ids, moved)): raise NoEvidence("no batch tensor of token ids holds two different ids besides the pad")
         with _untouched(model):
             try:

@@ -77,3 +77,51 @@ def test_monitor_records_no_host_sync(lm):
     assert rec.ops and not SYNC_OPS & set(rec.ops)
     mon.after_fit()
     assert mon.values.shape == (3, 4)
+
+# ---- untrained and unused rows (issue 17, its audit part) ----
+def test_row_audit_finds_planted_rows_and_none_in_a_trained_model(lm):
+    learn = lm(wd=0.1).padguard()
+    learn.fit(1, 1e-2)
+    name = '0.encoder.weight = 0.encoder_dp.emb.weight = 1.decoder.weight'
+    clean = row_audit(learn, max_batches=0)
+    assert clean.untrained == {name: []} and clean.guarded == {name: [1, 29, 30, 31]}
+    w = learn.model[0].encoder.weight
+    with torch.no_grad(): w[[5, 12]] = 0; w[20] = 1e-9
+    audit = row_audit(learn)
+    assert audit.untrained == {name: [5, 12, 20]}
+    assert audit.unused[name] == [0, 2, 3, 4, 5, 6, 7, 8], "the specials this tokenizer never emits (pad guarded, left out)"
+    assert 1 not in audit.unused[name] and 29 not in audit.untrained[name]
+
+def test_init_untrained_rows_is_the_mean_of_the_trained_rows(lm):
+    learn = lm(wd=0.1).padguard()
+    learn.fit(1, 1e-2)
+    w = learn.model[0].encoder.weight
+    with torch.no_grad(): w[[5, 12]] = 0
+    trained = [i for i in range(32) if i not in (1, 5, 12, 29, 30, 31)]
+    mean = w.detach()[trained].double().mean(0)
+    done = init_untrained_rows(learn)
+    assert list(done.values()) == [[5, 12]]
+    assert torch.allclose(w.detach()[5].double(), mean, rtol=0, atol=1e-7) and torch.equal(w.detach()[5], w.detach()[12])
+    assert torch.equal(w.detach()[[1, 29, 30, 31]], torch.zeros(4, 32)), "guarded rows untouched"
+    assert all(not r for r in row_audit(learn, max_batches=0).untrained.values())
+
+def test_row_audit_untied_tables_each_on_their_own():
+    "An untied Hugging Face LM: the input table and the head are audited apart; rows planted in the head only"
+    T = pytest.importorskip('transformers')
+    from conftest import ids_dls, HFLogits
+    cfg = T.GPT2Config(vocab_size=51, n_positions=16, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=False, pad_token_id=50)
+    torch.manual_seed(0)
+    m = T.GPT2LMHeadModel(cfg)
+    learn = Learner(ids_dls(50, 50), m, loss_func=CrossEntropyLossFlat(), cbs=HFLogits()).padguard()
+    with torch.no_grad(): m.lm_head.weight[[7, 9]] = 0
+    audit = row_audit(learn, max_batches=0)
+    assert audit.untrained == {'transformer.wte.weight': [], 'lm_head.weight': [7, 9]}
+    init_untrained_rows(learn, audit)
+    trained = [i for i in range(51) if i not in (7, 9, 50)]
+    assert torch.allclose(m.lm_head.weight.detach()[7], m.lm_head.weight.detach()[trained].mean(0))
+
+def test_init_untrained_rows_refuses_an_all_untrained_table(lm_dls):
+    learn = Learner(lm_dls, nn.Sequential(nn.Embedding(32, 4, padding_idx=1)), loss_func=CrossEntropyLossFlat())
+    learn.padguard(loss=False)
+    with torch.no_grad(): learn.model[0].weight.zero_()
+    with pytest.raises(ValueError, match='every row looks untrained'): init_untrained_rows(learn)
