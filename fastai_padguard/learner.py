@@ -30,12 +30,12 @@ def padguard(self:Learner,
     cb.learn = self
     try:
         g = cb.resolve(check_loss=False)  # raises before the learner is touched
-        old = getattr(self, 'pad_guard', None)
-        new_loss, note = _new_loss(self.loss_func, loss, g, getattr(old, 'pad_loss', None))
+        owned = getattr(getattr(self, 'pad_guard', None), 'pad_loss', None)  # the loss an earlier padguard() built
+        new_loss, note = _new_loss(self.loss_func, loss, g, owned)
     finally: cb.learn = None
     self.remove_cbs(self.cbs.filter(lambda o: isinstance(o, PadGuard)))
     self.add_cb(cb)
-    if new_loss is not self.loss_func: cb.pad_loss = new_loss  # the loss it built: its rows follow the guard's at every fit
+    if new_loss is not self.loss_func or new_loss is owned: cb.pad_loss = new_loss  # its rows follow the guard's at every fit
     self.loss_func, cb.loss_note = new_loss, note
     for n in g.notes + ([note] if note else []): warnings.warn(n, stacklevel=2)
     return self

@@ -199,3 +199,12 @@ def test_removed_guard_leaves_the_optimizer_alone(lm):
     learn.remove_cb(learn.pad_guard)
     learn.fit(1, 1e-2)
     assert rows_now(learn).abs().max() > 0
+
+def test_padguard_loss_false_keeps_following_the_loss_it_built(lm):
+    "padguard() then padguard(loss=False): the loss the first built still follows the guard's rows"
+    learn = lm().padguard(extra_idxs=[5])
+    lf = learn.loss_func
+    learn.padguard(loss=False)
+    assert learn.loss_func is lf and learn.pad_guard.pad_loss is lf
+    learn.fit(1, 1e-2)
+    assert lf.rows == (1, 29, 30, 31)
