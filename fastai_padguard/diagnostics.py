@@ -154,15 +154,16 @@ def row_audit(learn:Learner, # A learner with a text model
     "Rows of the token tables and output layer that look untrained, and rows whose ids the data never holds"
     guard = getattr(learn, 'pad_guard', None)
     g = guard.resolve(check_loss=False) if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), learn=learn)
-    ts = [t for t in g.targets if t.param.dim()==2 and t.param.shape[0] >= len(t.rows) and not t.how.startswith('PEFT')]
+    ts = [t for t in g.targets if t.param.dim()==2 and not t.how.startswith('PEFT')]
     n = max(t.param.shape[0] for t in ts)
     counts = torch.zeros(n, dtype=torch.long)
-    dl = learn.dls.train
-    for i,b in enumerate(dl):
+    def add(x):
+        "Count the ids in `x` (targets' ignore values and out-of-range ids left out)"
+        ids = x.flatten().as_subclass(Tensor).cpu()
+        counts.add_(torch.bincount(ids[(ids >= 0) & (ids < n)], minlength=n))
+        return x
+    for i,b in enumerate(learn.dls.train):
         if max_batches is not None and i >= max_batches: break
-        def add(x):
-            x = x.flatten().as_subclass(Tensor).cpu(); x = x[(x >= 0) & (x < n)]
-            counts.add_(torch.bincount(x, minlength=n)); return x
         map_ids(tuple(b), add)
     scanned = max_batches != 0
     untrained, unused, guarded, params = {}, {}, {}, {}
