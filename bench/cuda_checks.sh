@@ -6,9 +6,12 @@ OUT=${OUT:-bench/_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 py=${PYTHON:-python3}
 { nvidia-smi -L; $py -c "import sys, torch, fastai, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'fastai', fastai.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/gpu.txt"
-timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests/test_robust.py -k cuda > "$OUT/cuda_tests.txt" 2>&1; tail -40 "$OUT/cuda_tests.txt"
+timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests/test_robust.py tests/test_fused.py -k cuda > "$OUT/cuda_tests.txt" 2>&1; tail -40 "$OUT/cuda_tests.txt"
 PADGUARD_DEVICE=cuda timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_models.py 2>&1 | tail -15 | tee "$OUT/cuda_models.txt"
 timeout 200 $py bench/step.py --device cuda --reps 10 --steps 5 --json "$OUT/results-cuda.json" 2>&1 | tee "$OUT/step-cuda.txt"
 timeout 90 $py bench/loss.py --device cuda --reps 20 2>&1 | tee "$OUT/loss-cuda.txt"
 timeout 90 $py bench/loss.py --device cuda --reps 20 --vocab 250000 2>&1 | tee -a "$OUT/loss-cuda.txt"
 timeout 200 $py bench/step.py --device cuda --reps 10 --steps 5 --vocab 250000 --json "$OUT/results-cuda-250k.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
+# issue 16: the fused path beside padguard(fused=False), plain fastai and torch's F.linear_cross_entropy (Liger and CCE in bench/loss.py)
+timeout 200 $py bench/step.py --fused --bs 16 --device cuda --reps 10 --steps 5 --json "$OUT/results-fused-cuda.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
+timeout 200 $py bench/step.py --fused --bs 16 --device cuda --reps 10 --steps 5 --vocab 250000 --json "$OUT/results-fused-cuda-250k.json" 2>&1 | tee -a "$OUT/step-cuda.txt"

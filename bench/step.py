@@ -14,7 +14,29 @@ import torch, fastai
 from fastai.text.all import *
 from fastai_padguard.all import *
 
-VARIANTS = ['plain fastai', 'PadGuard alone', 'padguard() (guard + loss)', 'workaround: grad hook', 'workaround: masked logits']
+VARIANTS = ['plain fastai', 'PadGuard alone', 'padguard() (guard + loss)', 'workaround: grad hook', 'workaround: masked logits',
+            'padguard(fused=False)', 'peer: torch F.linear_cross_entropy']
+# what `padguard()` was before the fused path (issue 16) is `padguard(fused=False)`; saved runs from then name it 'padguard() (guard + loss)'
+DEFAULT = VARIANTS[:5]
+FUSED = ['plain fastai', 'padguard(fused=False)', 'padguard() (guard + loss)', 'peer: torch F.linear_cross_entropy',
+         'floor: no output layer, no loss']
+
+class HiddenOut(nn.Module):
+    "The decoder moved into the loss: the model returns the hidden states, the loss runs the layer"
+    def __init__(self, lin): super().__init__(); self.lin = lin
+    def forward(self, x): return x
+
+class HiddenMean:
+    "The floor: what a step holds without any output layer or loss (the loss is the hidden states' mean)"
+    def __call__(self, h, t): return h.float().mean()
+
+class TorchLinearCE:
+    "torch's chunked `F.linear_cross_entropy` (torch >= 2.13), with the pad column out of the softmax by a `-inf` bias"
+    def __init__(self, lin, pad): self.lin, self.pad = lin, pad
+    def __call__(self, h, t):
+        b = self.lin.bias.index_fill(0, torch.tensor([self.pad], device=h.device), -float('inf'))
+        return F.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lin.weight, t.reshape(-1), linear_bias=b,
+                                      options=torch.nn.LinearCrossEntropyOptions())
 
 class MaskedLogitsLoss(CrossEntropyLossFlat):
     "What people write instead: mask the pad logit out of place, then fastai's loss"
@@ -26,27 +48,34 @@ def _reset_peak_rss():
     try: Path('/proc/self/clear_refs').write_text('5'); return True
     except OSError: return False
 
-def _peak_rss():
+def _peak_rss(key='VmHWM:'):
     for l in Path('/proc/self/status').read_text().splitlines():
-        if l.startswith('VmHWM:'): return int(l.split()[1])*1024
+        if l.startswith(key): return int(l.split()[1])*1024
 
 class StepTimer(Callback):
     "Time each training batch (a full step: forward, loss, backward, optimizer); optionally its peak memory"
     order = 100
-    def __init__(self, cuda, memory=False): self.cuda,self.memory,self.times,self.peaks = cuda,memory,[],[]
+    def __init__(self, cuda, memory=False): self.cuda,self.memory,self.times,self.peaks,self.growth,self.fb = cuda,memory,[],[],[],[]
     def before_validate(self): raise CancelValidException()  # only training steps are measured
     def before_batch(self):
         if not self.training: return
         if self.memory:
+            self.base = torch.cuda.memory_allocated() if self.cuda else _peak_rss('VmRSS:')  # what is resident before the step
             if self.cuda: torch.cuda.reset_peak_memory_stats()
             elif not _reset_peak_rss(): self.memory = False
         if self.cuda: torch.cuda.synchronize()
         self.t0 = time.perf_counter()
+    def after_backward(self):  # the peak up to here: forward, loss and backward, without the optimizer's step
+        if self.memory and self.training:
+            if self.cuda: torch.cuda.synchronize()
+            self.fb.append((torch.cuda.max_memory_allocated() if self.cuda else _peak_rss()) - self.base)
     def after_batch(self):
         if not self.training: return
         if self.cuda: torch.cuda.synchronize()
         self.times.append(time.perf_counter()-self.t0)
-        if self.memory: self.peaks.append(torch.cuda.max_memory_allocated() if self.cuda else _peak_rss())
+        if self.memory:
+            self.peaks.append(torch.cuda.max_memory_allocated() if self.cuda else _peak_rss())
+            self.growth.append(self.peaks[-1] - self.base)
 
 class SyncDebug(Callback):
     "Run each training batch (forward, loss, backward, guard, optimizer step) under torch.cuda.set_sync_debug_mode('warn')"
@@ -96,11 +125,19 @@ def learner(variant, dls, cfg, state, args):
                     splitter=awd_lstm_lm_split, wd=0.01, default_cbs=True)
     learn.remove_cb(ProgressCallback); learn.logger = noop
     if variant == 'PadGuard alone': learn.add_cb(PadGuard())
-    elif variant == 'padguard() (guard + loss)': learn.padguard(loss=True)
+    elif variant == 'padguard() (guard + loss)': learn.padguard(loss=True, chunk=args.chunk)
     elif variant == 'workaround: grad hook':
         w = learn.model[0].encoder.weight
         w.register_hook(lambda g: g.index_fill(0, torch.tensor([1], device=g.device), 0.))
     elif variant == 'workaround: masked logits': learn.loss_func = MaskedLogitsLoss(1)
+    elif variant == 'padguard(fused=False)': learn.padguard(loss=True, fused=False)
+    elif variant == 'peer: torch F.linear_cross_entropy':
+        lin = learn.model[1].decoder
+        learn.model[1].decoder = HiddenOut(lin)
+        learn.loss_func = TorchLinearCE(lin, 1)
+    elif variant == 'floor: no output layer, no loss':
+        learn.model[1].decoder = HiddenOut(learn.model[1].decoder)
+        learn.loss_func = HiddenMean()
     learn.model.to(args.device)
     return learn
 
@@ -119,13 +156,19 @@ def markdown(res)->str:
     if sd:  # torch's one-time notice that the sync debugger is a prototype is not a sync
         sd['syncs'] = [x for x in sd['syncs'] if 'prototype' not in x]; sd['n_syncs'] = len(sd['syncs'])
     c = res['config']
+    grow = any('growth_mb' in d for d in res['variants'].values())
     lines = [f"`{res['command']}` on {res['device']} ({res['machine']}, {res['threads']} threads); vocab {c['vocab']}, "
              f"emb {c['emb']}, hidden {c['hid']} x {c['layers']} layers, bs {c['bs']} x {c['seq_len']}, {c['reps']} rounds of {c['steps']} steps:", '',
              f"PadGuard's own per-step work (its `after_backward` + the write-back in the step, timed directly): {res['guard_events_us']:.0f} µs, "
              f"{res['guard_events_share']*100:.4f}% of a plain step.", '',
-             '| variant | median step | ratio to plain | spread (min-max ratio) | peak memory | vs plain |', '|---|---:|---:|---:|---:|---:|']
+             '| variant | median step | ratio to plain | spread (min-max ratio) | peak memory | vs plain |' +
+             (' growth in a step | vs plain | growth to the end of backward | vs plain |' if grow else ''),
+             '|---|---:|---:|---:|---:|---:|' + ('---:|---:|---:|---:|' if grow else '')]
+    p0 = res['variants'].get('plain fastai', {})
     for v,d in res['variants'].items():
         mem = f"{d['peak_mb']:.0f} MB | {d['peak_delta_mb']:+.0f} MB" if 'peak_mb' in d else '- | -'
+        for k in ('growth_mb', 'fwd_bwd_mb') if grow else ():
+            mem += f" | {d[k]:.0f} MB | {d[k]/p0[k]*100:.0f}%" if k in d and p0.get(k) else ' | - | -'
         t = f"{d['median_s']*1e3:.1f} ms" if d['median_s'] < 1 else f"{d['median_s']:.3f} s"
         lines.append(f"| {v} | {t} | {d['ratio']:.3f}x | {d['min_ratio']:.3f}-{d['max_ratio']:.3f} | {mem} |")
     sd = res.get('sync_debug')
@@ -144,6 +187,8 @@ def main():
     p.add_argument('--quick', action='store_true', help='tiny sizes: checks the script runs, says nothing about speed')
     p.add_argument('--no-memory', action='store_true'); p.add_argument('--json', default=None)
     p.add_argument('--sync-only', action='store_true', help="only the run under CUDA's sync debugger")
+    p.add_argument('--chunk', type=int, default=None, help="tokens per chunk of padguard()'s fused pass (default: from the sizes)")
+    p.add_argument('--fused', action='store_true', help="plain fastai, padguard(fused=False), padguard() (fused) and torch's F.linear_cross_entropy")
     p.add_argument('--_memory', default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick: args.vocab, args.emb, args.hid, args.layers, args.bs, args.seq_len, args.reps, args.steps = 512, 16, 32, 2, 4, 8, 2, 2
@@ -154,16 +199,20 @@ def main():
         t = StepTimer(cuda, memory=True); run_steps(learn, t)
         # peak during a training step (the first one, which also builds optimizer state, left out when there are more)
         peak = max(t.peaks[1:] or t.peaks) if t.peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024
-        print(json.dumps({'peak_bytes': peak})); return
+        growth = max(t.growth[1:] or t.growth) if t.growth else None
+        fb = max(t.fb[1:] or t.fb) if t.fb else None
+        print(json.dumps({'peak_bytes': peak, 'growth_bytes': growth, 'fwd_bwd_bytes': fb})); return
     if args.sync_only: return print(json.dumps(sync_debug(learner(VARIANTS[2], dls, cfg, state, args))))
-    learns = {v: learner(v, dls, cfg, state, args) for v in VARIANTS}
-    times = {v: [] for v in VARIANTS}
-    for v in VARIANTS: run_steps(learns[v], StepTimer(cuda))   # warm-up: allocator, optimizer state, caches
+    variants = FUSED if args.fused else DEFAULT
+    if args.fused and not hasattr(F, 'linear_cross_entropy'): variants = [v for v in variants if 'torch F.' not in v]  # torch < 2.13
+    learns = {v: learner(v, dls, cfg, state, args) for v in variants}
+    times = {v: [] for v in variants}
+    for v in variants: run_steps(learns[v], StepTimer(cuda))   # warm-up: allocator, optimizer state, caches
     for r in range(args.reps):
-        for v in VARIANTS:
+        for v in variants:
             t = StepTimer(cuda); run_steps(learns[v], t); times[v] += t.times
     # the guard's own per-step work, timed directly (its cost hides in the noise of a whole step)
-    g = learns['PadGuard alone']; guard = g.pad_guard
+    g = learns['PadGuard alone' if 'PadGuard alone' in learns else 'padguard(fused=False)']; guard = g.pad_guard
     b = g.dls.train.one_batch(); g.xb, g.yb, g.training = b[:1], b[1:], True
     guard.before_fit(); guard.before_batch(); g.model.zero_grad(); g.model[0].encoder.weight.grad = torch.zeros_like(g.model[0].encoder.weight)
     g.model[1].decoder.bias.grad = torch.zeros_like(g.model[1].decoder.bias)
@@ -180,17 +229,20 @@ def main():
            'config': {k: getattr(args, k) for k in ('vocab','emb','hid','layers','bs','seq_len','reps','steps','quick')},
            'command': 'python bench/step.py ' + ' '.join(sys.argv[1:]), 'guard_events_us': guard_us,
            'guard_events_share': guard_us*1e-6/base, 'variants': {}, 'sync_debug': sync}
-    for v in VARIANTS:
+    for v in variants:
         med = statistics.median(times[v])
         res['variants'][v] = {'median_s': med, 'ratio': med/base, 'min_ratio': min(times[v])/base, 'max_ratio': max(times[v])/base, 'n': len(times[v])}
     if not args.no_memory:
-        mems = {v: peak_memory(v, args)['peak_bytes'] for v in VARIANTS}
-        for v in VARIANTS: res['variants'][v].update(peak_mb=mems[v]/2**20, peak_delta_mb=(mems[v]-mems[VARIANTS[0]])/2**20)
+        mems = {v: peak_memory(v, args) for v in variants}
+        for v in variants:
+            res['variants'][v].update(peak_mb=mems[v]['peak_bytes']/2**20, peak_delta_mb=(mems[v]['peak_bytes']-mems[VARIANTS[0]]['peak_bytes'])/2**20)
+            if mems[v].get('growth_bytes') is not None: res['variants'][v]['growth_mb'] = mems[v]['growth_bytes']/2**20
+            if mems[v].get('fwd_bwd_bytes') is not None: res['variants'][v]['fwd_bwd_mb'] = mems[v]['fwd_bwd_bytes']/2**20
     print(f"{res['device']} ({res['machine']}); vocab {args.vocab}, emb {args.emb}, hidden {args.hid}x{args.layers}, bs {args.bs}x{args.seq_len}")
-    print(f"{'variant':28} {'median step':>12} {'ratio':>7} {'spread':>15} {'peak MB':>9} {'vs plain':>9}")
+    print(f"{'variant':36} {'median step':>12} {'ratio':>7} {'spread':>15} {'peak MB':>9} {'vs plain':>9} {'growth MB':>10} {'fwd+bwd MB':>10}")
     for v,d in res['variants'].items():
-        print(f"{v:28} {d['median_s']:11.3f}s {d['ratio']:7.3f} {d['min_ratio']:6.3f}-{d['max_ratio']:<6.3f}  "
-              f"{d.get('peak_mb', float('nan')):9.0f} {d.get('peak_delta_mb', float('nan')):+9.0f}")
+        print(f"{v:36} {d['median_s']:11.3f}s {d['ratio']:7.3f} {d['min_ratio']:6.3f}-{d['max_ratio']:<6.3f}  "
+              f"{d.get('peak_mb', float('nan')):9.0f} {d.get('peak_delta_mb', float('nan')):+9.0f} {d.get('growth_mb', float('nan')):10.0f} {d.get('fwd_bwd_mb', float('nan')):10.0f}")
     print(f"PadGuard's own work per step (after_backward + write-back): {guard_us:.0f} us, {res['guard_events_share']*100:.4f}% of a plain step")
     if sync is not None:
         print(f"padguard() under torch.cuda.set_sync_debug_mode('warn'), {sync['steps']} training steps: {sync['n_syncs']} synchronizing calls"

@@ -10,6 +10,7 @@ from fastai.basics import *
 from fastai.distributed import DistributedTrainer
 from .rows import *
 from .losses import PadCrossEntropyLossFlat
+from .fused import fused_head
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 
@@ -54,12 +55,17 @@ class PadGuard(Callback):
         extra_idxs:str|list|None=None, # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
         emb:nn.Module|str|list|None=None, # Token table(s) to guard: a module, its dotted name in the model, or a list; found by default
         out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
+        fused:bool=True, # In training, run the output layer inside `PadCrossEntropyLossFlat`, in chunks, never holding the logits whole
+        chunk:int|None=None, # Tokens per chunk of the fused pass; by default chunks of at most 64 MiB of float32 logits
     ):
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
         self.pad_idx = None if pad_idx is None else check_idx(pad_idx, 'pad_idx')
-        self.mode,self.extra_idxs,self.emb,self.out = mode,check_extra_idxs(extra_idxs),emb,out
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"chunk={chunk!r}: pass a number of tokens per chunk (an int >= 1), or None to size chunks from the vocab")
+        self.mode,self.extra_idxs,self.emb,self.out,self.fused,self.chunk = mode,check_extra_idxs(extra_idxs),emb,out,bool(fused),chunk
         self._ps,self._saved,self.resolution,self.pad_loss,self.loss_note,self._wd = None,None,None,None,None,None
+        self.fusion,self.logits_computed = None,False
 
     def resolve(self,
         batch:tuple|None=None, # `(xb, yb)` to find the rows from; by default one drawn from `learn.dls`, leaving it as it was
@@ -88,11 +94,23 @@ class PadGuard(Callback):
         "Check that it is the only guard; where fastai needs it, apply the weight-dropout remedy for this fit"
         self._one_guard()
         self._ps = None
+        self._unfuse()  # a fit that was interrupted (fastai skips after_fit then) may have left it on
+        self.logits_computed = False
         if self._wd is None and weight_dropout_remedy_needed(self.learn.model): self._wd = patch_weight_dropout()
 
     def before_batch(self):
         "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch"
         if self.training and self._ps is None: self._setup()
+        if self.fusion is not None: self.fusion.on = self.training
+
+    def after_loss(self):
+        "The fused output layer is only for the loss of a training batch: anything after it gets the layer's own forward"
+        if self.fusion is not None: self.fusion.on = False
+
+    def _unfuse(self):
+        if self.fusion is None: return
+        self.logits_computed = self.logits_computed or self.fusion.computed
+        self.fusion.remove(); self.fusion = None
 
     def _setup(self):
         "Find the targets from this batch, give the loss its rows, zero (or keep aside) the rows, and wrap the optimizer's step"
@@ -104,6 +122,10 @@ class PadGuard(Callback):
         self._saved = [p.detach().index_select(0, i) for p,i in ps] if self.mode=='freeze' else None
         self._ps,self.resolution = ps,g
         self.write_back()
+        self._unfuse()
+        if self.fused:
+            self.fusion, _ = fused_head(self.learn.model, self.learn.loss_func, g, self.chunk)
+            if self.fusion is not None: self.fusion.install()
         opt = self.learn.opt
         cur = opt.__dict__.get('step')
         if isinstance(cur, GuardedStep): cur.guard = self
@@ -132,9 +154,21 @@ class PadGuard(Callback):
             if cur.had: opt.step = cur.step
             else: del opt.step
         self._ps = self._saved = None
+        self._unfuse()
         if self._wd is not None: self._wd.undo(); self._wd = None
 
-    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None, '_wd': None}
+    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None, '_wd': None, 'fusion': None}
+
+    def _fused_line(self, g)->str:
+        "Whether the training logits are computed in chunks inside the loss, and why not"
+        if not self.fused: return "off (fused=False): the output layer computes the logits and the loss scores them"
+        head, why = fused_head(self.learn.model, self.learn.loss_func, g, self.chunk)
+        if head is None: return f"off: {why}, so the logits are computed as usual"
+        names = {m:n for n,m in self.learn.model.named_modules()}
+        s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "
+             f"{f'{self.chunk} tokens' if self.chunk else 'at most 64 MiB of logits'} at a time (padguard(fused=False) turns it off)")
+        if self.logits_computed: s += "; something read the training logits (a metric with train_metrics=True, a callback), so they were computed for it"
+        return s
 
     def __repr__(self):
         s = f"PadGuard(mode={self.mode!r}" + (f", emb={self.emb!r}" if self.emb is not None else '') + (f", out={self.out!r}" if self.out is not None else '')
@@ -146,4 +180,5 @@ class PadGuard(Callback):
         lf = self.learn.loss_func
         pad_aware = isinstance(lf, PadCrossEntropyLossFlat) and g.loss_rows is not None
         s += f"\n  loss: {f'leaves out columns {list(g.loss_rows)}' if pad_aware else f'{type(lf).__name__}, the pad logit stays in its softmax'}"
+        s += f"\n  fused: {self._fused_line(g)}"
         return s + ''.join(f"\n  note: {n}" for n in g.notes + ([self.loss_note] if self.loss_note else []))

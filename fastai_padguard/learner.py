@@ -23,10 +23,12 @@ def padguard(self:Learner,
     loss:bool|None=None, # Swap in `PadCrossEntropyLossFlat`: None when an output layer writes the vocab, True always (an error if none does), False never
     emb:nn.Module|str|list|None=None, # Token table(s) to guard: a module, its dotted name in the model, or a list; found by default
     out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
+    fused:bool=True, # In training, run the output layer inside the loss in chunks, never holding the logits whole (see [fused](fused.html))
+    chunk:int|None=None, # Tokens per chunk of the fused pass; by default chunks of at most 64 MiB of float32 logits
 )->Learner:
     "Guard the pad (and `extra_idxs`) rows with `PadGuard` and, for a language model, leave them out of the loss's softmax"
     if loss not in (None, True, False): raise ValueError(f"loss={loss!r}: pass None (swap for a language model), True (always) or False (never)")
-    cb = PadGuard(pad_idx, mode, extra_idxs, emb, out)
+    cb = PadGuard(pad_idx, mode, extra_idxs, emb, out, fused, chunk)
     cb.learn = self
     try:
         g = cb.resolve(check_loss=False)  # raises before the learner is touched

@@ -14,7 +14,7 @@ try: from torch.compiler import is_compiling as _compiling
 except ImportError: from torch._dynamo import is_compiling as _compiling  # torch < 2.3
 
 # %% auto #0
-__all__ = ['PadCrossEntropyLossFlat']
+__all__ = ['PadCrossEntropyLossFlat', 'masked_ce', 'masked_ce_grad']
 
 # %% ../nbs/02_losses.ipynb #c004
 class PadCrossEntropyLossFlat(BaseLoss):
@@ -55,6 +55,12 @@ class PadCrossEntropyLossFlat(BaseLoss):
         "Leave out exactly `rows`: `PadGuard` sets them from the output layer's guarded rows at every fit"
         self.func.set_rows(pad_idx, rows)
 
+    def __call__(self, inp, targ, **kwargs):
+        "The loss; logits that are not computed yet (`FusedLogits`, see [fused](fused.html)) are scored chunk by chunk"
+        fused = getattr(inp, 'fused_loss', None)
+        if fused is not None and not kwargs: return fused(self, targ)
+        return super().__call__(inp, targ, **kwargs)
+
     def _mask(self, x:Tensor)->Tensor: return x.index_fill(self.axis, rows_on(self.rows, x.device), -inf)
     def decodes(self, x:Tensor)->Tensor:
         "Most likely class, never a left-out one"
@@ -65,11 +71,63 @@ class PadCrossEntropyLossFlat(BaseLoss):
     def __repr__(self): return f"PadCrossEntropyLossFlat({self.func.extra_repr()})"
 
 # %% ../nbs/02_losses.ipynb #c007
+def _kept(t, idx, fill, ignore_index, weight, dtype):
+    "Which targets count (`keep`), the targets with the others read from column `fill` (`ts`), and each one's weight (`wt`)"
+    keep = (t != ignore_index) & (t[:,None] != idx).all(1)
+    ts = torch.where(keep, t, fill)  # a kept column: gathering a left-out one would give 0 * inf = nan
+    wt = keep.to(dtype) if weight is None else torch.where(keep, weight.to(dtype)[ts], 0)
+    return keep, ts, wt
+
+def masked_ce(lsm:Tensor, # `(N, C)` log-probabilities, the left-out columns at `-inf`; with smoothing, briefly overwritten and restored
+              t:Tensor, # `(N,)` targets
+              idx:Tensor, # The left-out columns
+              fill:int, # A kept column, where ignored targets are read from
+              ignore_index:int, # Targets equal to it are ignored
+              weight:Tensor|None, # A weight per class
+              smoothing:float, # Label smoothing, spread over the kept columns
+              reduction:str, # 'mean', 'sum' or 'none'
+              den:Tensor|None=None, # What 'mean' divides by; by default the summed weights of the targets kept here
+             )->tuple:
+    "The loss from log-probabilities, and what `masked_ce_grad` needs to write its gradient: the math of `PadCrossEntropyLossFlat`, in one place"
+    keep, ts, wt = _kept(t, idx, fill, ignore_index, weight, lsm.dtype)
+    nll = lsm.gather(1, ts[:,None]).squeeze(1).neg_()
+    loss = (1-smoothing) * wt * nll
+    if smoothing:
+        wk = (torch.ones(lsm.shape[1], dtype=lsm.dtype, device=lsm.device) if weight is None else weight.to(lsm.dtype)).index_fill(0, idx, 0)
+        k = lsm.shape[1] - idx.numel()
+        lsm.index_fill_(1, idx, 0.)
+        smooth = (lsm @ wk).neg_() * keep
+        lsm.index_fill_(1, idx, -inf)
+        loss = loss + smoothing/k * smooth
+        c = keep.to(lsm.dtype) * (smoothing/k)
+        a = (1-smoothing)*wt + c*wk.sum()
+    else: wk,c,a = None,None,wt
+    if reduction=='mean':
+        if den is None: den = wt.sum()  # a chunk of a batch is given the whole batch's
+        s = 1/torch.where(den > 0, den, 1)
+        loss = loss.sum()*s
+    else: s = lsm.new_ones(())
+    if reduction=='sum': loss = loss.sum()
+    return loss, (ts, a, (1-smoothing)*wt, c, wk, s)
+
+def masked_ce_grad(lsm:Tensor, # The log-probabilities `masked_ce` was given: overwritten with the gradient
+                   saved:tuple, # What `masked_ce` returned beside the loss
+                   g:Tensor, # The loss's gradient: a scalar, or one per target for reduction 'none'
+                  )->Tensor:
+    "The gradient of `masked_ce`'s loss with respect to the logits, written over `lsm` (the left-out columns get exactly 0)"
+    ts,a,b,c,wk,s = saved
+    gs = g*s
+    p = lsm.exp_()
+    p.mul_((a*gs)[:,None])
+    p.scatter_add_(1, ts[:,None], (b*gs).neg_()[:,None])
+    if c is not None: p.addr_(c*gs, wk, alpha=-1)
+    return p
+
 class _MaskedCE(torch.autograd.Function):
     "Cross-entropy of `x` `(N, C)` with columns `idx` out of the softmax and out of the targets"
     in_place = True  # mask the logits in place and restore them (False: mask a copy; `bench/loss.py` compares the two)
     @staticmethod
-    def forward(ctx, x, t, idx, fill, ignore_index, weight, smoothing, reduction):
+    def forward(ctx, x, t, idx, fill, ignore_index, weight, smoothing, reduction, den=None):
         half = x.dtype in (torch.float16, torch.bfloat16)
         if half or not _MaskedCE.in_place or x.is_inference() or _compiling():
             lsm = torch.log_softmax(x.to(torch.float32 if half else x.dtype, copy=True).index_fill_(1, idx, -inf), 1)
@@ -79,28 +137,8 @@ class _MaskedCE(torch.autograd.Function):
             xd.index_fill_(1, idx, -inf)
             try: lsm = torch.log_softmax(xd, 1)
             finally: xd.index_copy_(1, idx, kept)
-        keep = (t != ignore_index) & (t[:,None] != idx).all(1)
-        ts = torch.where(keep, t, fill)  # a kept column: gathering a left-out one would give 0 * inf = nan
-        nll = lsm.gather(1, ts[:,None]).squeeze(1).neg_()
-        wt = keep.to(lsm.dtype) if weight is None else torch.where(keep, weight.to(lsm.dtype)[ts], 0)
-        loss = (1-smoothing) * wt * nll
-        if smoothing:
-            wk = (torch.ones(x.shape[1], dtype=lsm.dtype, device=x.device) if weight is None else weight.to(lsm.dtype)).index_fill(0, idx, 0)
-            k = x.shape[1] - idx.numel()
-            lsm.index_fill_(1, idx, 0.)
-            smooth = (lsm @ wk).neg_() * keep
-            lsm.index_fill_(1, idx, -inf)
-            loss = loss + smoothing/k * smooth
-            c = keep.to(lsm.dtype) * (smoothing/k)
-            a = (1-smoothing)*wt + c*wk.sum()
-        else: wk,c,a = None,None,wt
-        if reduction=='mean':
-            den = wt.sum()
-            s = 1/torch.where(den > 0, den, 1)
-            loss = loss.sum()*s
-        else: s = lsm.new_ones(())
-        if reduction=='sum': loss = loss.sum()
-        ctx.save_for_backward(lsm, ts, a, (1-smoothing)*wt, c, wk, s)
+        loss, saved = masked_ce(lsm, t, idx, fill, ignore_index, weight, smoothing, reduction, den)
+        ctx.save_for_backward(lsm, *saved)
         ctx.dtype,ctx.used = x.dtype,False
         return loss
 
@@ -109,13 +147,9 @@ class _MaskedCE(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.used: raise RuntimeError("PadCrossEntropyLossFlat reuses its saved buffer as the gradient, so it can't backpropagate twice (retain_graph=True)")
         ctx.used = True
-        lsm,ts,a,b,c,wk,s = ctx.saved_tensors
-        gs = g*s
-        p = lsm.exp_()
-        p.mul_((a*gs)[:,None])
-        p.scatter_add_(1, ts[:,None], (b*gs).neg_()[:,None])
-        if c is not None: p.addr_(c*gs, wk, alpha=-1)
-        return p.to(ctx.dtype), None, None, None, None, None, None, None
+        lsm,*saved = ctx.saved_tensors
+        return masked_ce_grad(lsm, saved, g).to(ctx.dtype), None, None, None, None, None, None, None, None
+
 
 # %% ../nbs/02_losses.ipynb #c008
 class _PadCrossEntropy(nn.Module):
@@ -161,9 +195,18 @@ class _PadCrossEntropy(nn.Module):
         if device not in self._w: self._w[device] = self.weight.to(device)
         return self._w[device]
 
-    def forward(self, inp:Tensor, targ:Tensor)->Tensor:
+    def forward(self, inp:Tensor, targ:Tensor, den:Tensor|None=None)->Tensor:
+        "The loss of `inp` `(N, C)`; `den`: the divisor of `'mean'` (by default `divisor(targ)`, a chunk of a batch is given the batch's)"
         return _MaskedCE.apply(inp, targ, rows_on(self.rows, inp.device), self._fill, self.ignore_index, self._weight(inp.device),
-                               self.label_smoothing, self.reduction)
+                               self.label_smoothing, self.reduction, den)
+
+    def ce_args(self, device)->tuple:
+        "What `masked_ce` takes after the log-probabilities and targets, on `device`: `(idx, fill, ignore_index, weight, smoothing, reduction)`"
+        return rows_on(self.rows, device), self._fill, self.ignore_index, self._weight(device), self.label_smoothing, self.reduction
+
+    def divisor(self, targ:Tensor, dtype=torch.float32)->Tensor:
+        "What `'mean'` divides by: the summed weights of the targets that count (their number without `weight`)"
+        return _kept(targ, rows_on(self.rows, targ.device), self._fill, self.ignore_index, self._weight(targ.device), dtype)[2].sum()
 
     def __getstate__(self): return {**self.__dict__, '_w': {}}
     def extra_repr(self):

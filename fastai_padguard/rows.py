@@ -30,13 +30,15 @@ class Target:
     def __repr__(self): return f"{self.names}: rows {list(self.rows)} ({self.how})"
 
 class Guarded:
-    "What `find_guarded` found: a `Target` per parameter, `pad_idx`, the loss's `loss_rows` (`None`: no output layer writes the vocab), `notes`, `evidence`"
+    "What `find_guarded` found: a `Target` per parameter, `pad_idx`, the loss's `loss_rows` (`None`: no output layer writes the vocab), `notes`, `evidence`, `head`"
     def __init__(self,
         targets:list, # A `Target` per guarded parameter, in the model's parameter order
         pad_idx:int, # The pad index of the output layer (or, without one, of the first token table)
         loss_rows:tuple|None, # The output layer's guarded rows: the columns the loss leaves out; `None` when no output layer writes the vocab
         notes:list, # Things the user should know (a pad that is also EOS, a transform after the head, why the evidence was not used)
         evidence:bool, # Whether one batch decided (else the name and size rules)
+        head:nn.Module|None=None, # The one module seen writing the logits the loss scores (the fused loss runs it); `None` if not one
+        lookups:dict|None=None, # `{id(table): [modules seen looking it up]}`, from the batch (`train_rows` hooks them)
     ): store_attr()
     @property
     def rows(self)->dict:
@@ -84,7 +86,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     tws = [w for w,_ in tables]
     if out is not None: outs = [(o.weight, 'named with out=', getattr(o, 'bias', None)) for o in _named(model, out, names, 'out')]
     elif ev is not None:
-        outs = [(w, how, b) for w,(how,b) in ev.outs if _writes_vocab(w, tws, vocabs, ev)]
+        outs = [(w, how, b) for w,(how,b,_) in ev.outs if _writes_vocab(w, tws, vocabs, ev)]
         if not outs and ev.per_token and ev.n_scored in {w.shape[0] for w in tws} | {len(v) for v in vocabs}:
             raise ValueError(f"The loss scores one column per token ({ev.n_scored}), but no layer was seen writing those columns (not F.linear, "
                              "nn.Linear or x @ W.T: an einsum?), so its pad row can't be guarded. Name the layer that holds the output weight: "
@@ -106,7 +108,10 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     for h in hfs: notes += _hf_notes(h, lpad)
     if ev is not None: notes += ev.notes
     order = {id(p):i for i,(_,p) in enumerate(model.named_parameters())}
-    return Guarded(sorted(targets.values(), key=lambda t: order.get(id(t.param), len(order))), lpad, lrows, notes, ev is not None)
+    heads = [m for w,(_,_,m) in (ev.outs if ev is not None else []) if any(w is p for p,_,_ in outs)]
+    head = heads[0] if len(heads)==1 and len(outs)==1 and lrows is not None else None
+    return Guarded(sorted(targets.values(), key=lambda t: order.get(id(t.param), len(order))), lpad, lrows, notes, ev is not None, head,
+                   ev.lookups if ev is not None else {})
 
 # %% ../nbs/01a_rows.ipynb #c009
 FAKE = 'xxfake'
@@ -358,13 +363,14 @@ class NoEvidence(Exception):
     "The batch could not tell: the model failed on it, or its token ids could not be changed"
 
 class Evidence:
-    "What one batch showed: `tables` (parameters the token ids index), `outs` (`[(weight, (how, bias))]`: the layer whose output the loss scores), `per_token`, `notes`"
+    "What one batch showed: `tables` (parameters the token ids index), `outs` (`[(weight, (how, bias, module))]`: the layer whose output the loss scores), `per_token`, `notes`"
     def __init__(self,
         tables:list, # The parameters the batch's token ids index
-        outs:list, # `[(weight, (how, bias))]`: the layers whose result the loss scores
+        outs:list, # `[(weight, (how, bias, module))]`: the layers whose result the loss scores, and the module that ran each
         per_token:bool, # Whether the targets are per token (a language model), not per sample (a classifier)
         n_scored:int|None, # The number of columns of what the loss scores (`None` when it is not a tensor)
         notes:list, # What the user should know about how it was read
+        lookups:dict|None=None, # `{id(table): [modules that looked it up]}`
     ): store_attr()
 
     @classmethod
@@ -409,6 +415,10 @@ class Evidence:
                 raise ValueError(f"The token ids index a weight that {type(m).__name__ if m is not None else 'the model'} computes at every forward, not a "
                                  "parameter: PadGuard can't keep rows of it. Name the parameter it is computed from: learn.padguard(emb='the.embedding')")
             if all(p is not q for q in tables): tables.append(p)
+        mods = {}  # every module that looked up a token table, by the table: what `train_rows` hooks
+        for w,_,m in a.lookups:
+            p = _param_of(w, m)
+            if p is not None and any(p is q for q in tables) and m is not None and m not in mods.setdefault(id(p), []): mods[id(p)].append(m)
         outs = []
         if scored is not None:
             hits = [l for l in a.linears if _same(l[2], scored)]
@@ -422,10 +432,10 @@ class Evidence:
                 p = _param_of(w, m)
                 if p is None: raise ValueError(f"The logits come from a weight that {type(m).__name__ if m is not None else 'the model'} computes at every forward, "
                                                "not a parameter: name the output layer with out=")
-                if all(p is not q for q,_ in outs): outs.append((p, (how, bias if isinstance(bias, nn.Parameter) else None)))
+                if all(p is not q for q,_ in outs): outs.append((p, (how, bias if isinstance(bias, nn.Parameter) else None, m)))
         y = yb[0] if isinstance(yb, (list, tuple)) and len(yb) else None
         per_token = (_is_ids(y) or isinstance(y, Tensor) and y.dim()>=2 and not y.is_floating_point()) if y is not None else (scored is not None and scored.dim()>=3)
-        return cls(tables, outs, per_token, None if scored is None else scored.shape[-1], notes)
+        return cls(tables, outs, per_token, None if scored is None else scored.shape[-1], notes, mods)
 
 def _describe(x)->str:
     "Shapes and dtypes of the tensors in `x`, for error messages"

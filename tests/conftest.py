@@ -91,3 +91,40 @@ class NanoGPT(nn.Module):
     def forward(self, x):
         pos = torch.arange(x.shape[1], device=x.device)
         return self.lm_head(self.block(self.transformer.wte(x) + self.transformer.wpe(pos)))
+
+class FirstStep(Callback):
+    "Keeps the loss, the loss the model was scored with and every gradient of the first training batch, then ends the fit"
+    order = 99
+    def __init__(self, n=1): self.n, self.preds = n, []
+    def after_loss(self): self.preds.append(type(self.learn.pred))
+    def after_backward(self):
+        self.n -= 1
+        if self.n: return
+        self.loss = self.learn.loss_grad.detach().clone()
+        self.grads = {k: p.grad.detach().clone() for k,p in self.learn.model.named_parameters() if p.grad is not None}
+        raise CancelFitException()
+
+def first_step(learn, n=1, seed=0):
+    "`FirstStep` of one fit of `learn` (after `n` backward passes), from RNG seed `seed`: the loss, the gradients, the training preds' types"
+    cb = FirstStep(n)
+    set_seed(seed, reproducible=True)
+    learn.fit(1, 1e-3, cbs=cb)
+    return cb
+
+def rel_err(a, b):
+    "Largest difference relative to the reference's largest magnitude"
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+class LargestOutput(TorchDispatchMode):
+    "The largest storage (in elements) any op writes while it is on"
+    def __init__(self): super().__init__(); self.numel = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else [out]):  # elements stored: a view or an expand holds none of its own
+            if isinstance(o, torch.Tensor): self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
+        return out
+
+class Float64Recorder(Callback):
+    "fastai's smoothed loss starts as a float32 tensor, which `torch.lerp` won't mix with a float64 loss: start it in float64"
+    order = Recorder.order + 1  # after the Recorder's before_fit resets it
+    def before_fit(self): self.learn.recorder.smooth_loss.val = self.learn.recorder.smooth_loss.val.double()

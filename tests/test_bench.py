@@ -1,5 +1,6 @@
 "The benchmark script runs and emits valid JSON (a smoke test: it checks nothing about speed)"
 import json, subprocess, sys
+import pytest
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,17 +15,39 @@ def test_bench_quick_emits_json(tmp_path):
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(out)], check=True, capture_output=True, text=True).stdout
     assert '| padguard() (guard + loss) |' in table
 
+def test_fused_bench_quick(tmp_path):
+    "--fused: plain fastai, padguard(fused=False), padguard() (fused), torch's F.linear_cross_entropy and the floor, with memory growth"
+    out = tmp_path/'f.json'
+    subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--quick', '--fused', '--json', str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    import torch.nn.functional as F
+    expect = ['plain fastai', 'padguard(fused=False)', 'padguard() (guard + loss)'] + (['peer: torch F.linear_cross_entropy'] if hasattr(F, 'linear_cross_entropy') else [])
+    assert list(res['variants']) == expect + ['floor: no output layer, no loss']
+    assert all('growth_mb' in d and 'fwd_bwd_mb' in d for d in res['variants'].values())
+
+def test_rows_bench_quick(tmp_path):
+    pytest.importorskip('peft')
+    out = tmp_path/'r.json'
+    subprocess.run([sys.executable, str(ROOT/'bench'/'rows.py'), '--quick', '--json', str(out)], check=True, capture_output=True, timeout=300, cwd=ROOT)
+    res = json.loads(out.read_text())
+    assert list(res['variants'])[1] == 'train_rows (ours)' and all(d['median_s'] > 0 for d in res['variants'].values())
+
 def test_loss_bench_runs():
     out = subprocess.run([sys.executable, str(ROOT/'bench'/'loss.py'), '--n', '64', '--vocab', '500', '--emb', '16', '--reps', '2'],
                          check=True, capture_output=True, text=True, timeout=300).stdout
-    assert 'PadCrossEntropyLossFlat' in out and 'copy_ into an existing one' in out
+    assert 'PadCrossEntropyLossFlat' in out and 'fused: padguard() default' in out and 'copy_ into an existing one' in out
 
 import pytest
-@pytest.mark.parametrize('saved', ['results.json', 'results-cuda.json', 'results-cuda-250k.json'])
+@pytest.mark.parametrize('saved', ['results.json', 'results-cuda.json', 'results-cuda-250k.json', 'results-fused.json', 'results-fused-250k.json'])
 def test_readme_table_is_the_saved_run(saved):
     "The cost tables (bench/README.md) are `bench/step.py --table bench/<saved run>`, so the figures come from runs anyone can repeat"
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(ROOT/'bench'/saved)],
                            check=True, capture_output=True, text=True).stdout.strip()
+    assert table in (ROOT/'bench'/'README.md').read_text()
+
+def test_rows_table_is_the_saved_run():
+    table = subprocess.run([sys.executable, str(ROOT/'bench'/'rows.py'), '--table', str(ROOT/'bench'/'results-rows.json')],
+                           check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
     assert table in (ROOT/'bench'/'README.md').read_text()
 
 def test_resolve_bench_runs():

@@ -11,7 +11,7 @@ def _free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mode', ['zero', 'freeze'])
+@pytest.mark.parametrize('mode', ['zero', 'freeze', 'rows'])
 def test_two_process_cpu_training_holds_rows_identically(tmp_path, mode):
     torchrun = Path(sys.executable).parent/'torchrun'
     env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'MASTER_ADDR': '127.0.0.1', 'OMP_NUM_THREADS': '1'}
@@ -23,8 +23,14 @@ def test_two_process_cpu_training_holds_rows_identically(tmp_path, mode):
     assert rows == [1, 29, 30, 31]
     for r in (r0, r1):
         assert r['steps'] and all(r['steps']), "pad row exactly 0 after every step on every rank"
+        # the fused output layer and loss ran in every training batch under DDP (train_rows hooks the head: logits computed)
+        assert set(r['preds']) == ({'Tensor'} if mode == 'rows' else {'FusedLogits'})
         if mode == 'zero':
             assert torch.equal(r['w'][rows], torch.zeros(len(rows), r['w'].shape[1]))
             assert torch.equal(r['b'][rows], torch.zeros(len(rows)))
     assert len(r0['steps']) == len(r1['steps'])
     assert torch.equal(r0['w'], r1['w']) and torch.equal(r0['b'], r1['b']), "ranks hold identical weights"
+    if mode == 'rows':  # train_rows: the table and bias never changed (checked after every step); the chosen rows trained alike
+        assert r0['rows'].keys() == {'0.encoder.weight_trained_rows', '1.decoder.bias_trained_rows'}
+        for k in r0['rows']: assert torch.equal(r0['rows'][k], r1['rows'][k])
+        assert not torch.equal(r0['rows']['0.encoder.weight_trained_rows'], r0['w'][[5, 6]]), "the chosen rows trained"

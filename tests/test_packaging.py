@@ -52,7 +52,8 @@ def test_all_exports_only_what_a_user_calls():
     ns = {}
     exec('from fastai_padguard.all import *', ns)
     assert sorted(k for k in ns if k != '__builtins__') == sorted(['PadGuard', 'padguard', 'PadCrossEntropyLossFlat', 'pad_audit',
-                                                                  'PadMonitor', 'row_audit', 'init_untrained_rows', 'patch_weight_dropout'])
+                                                                  'PadMonitor', 'row_audit', 'init_untrained_rows', 'patch_weight_dropout',
+                                                                  'train_rows', 'RowTrainer', 'new_rows', 'added_rows'])
     from fastai.learner import Learner
     assert Learner.padguard is ns['padguard']
     from fastai_padguard.data import protein_lm_dls   # the example data, importable from its module

@@ -219,6 +219,7 @@ MISUSE = [
     ("can't tell the token embedding", lambda d: Learner(_ids_dls(), _TwoTables(), loss_func=CrossEntropyLossFlat()).padguard(pad_idx=0), ValueError, "Name it: learn.padguard(emb="),
     ("emb names no module", lambda d: Learner(_ids_dls(), _TwoTables(), loss_func=CrossEntropyLossFlat()).padguard(pad_idx=0, emb='c'), ValueError, "emb='c': the model has no module of that name"),
     ("label_smoothing out of range", lambda d: PadCrossEntropyLossFlat(1, label_smoothing=2), ValueError, "label_smoothing=2 is not between 0 and 1"),
+    ("chunk not a positive int", lambda d: PadGuard(chunk=0), ValueError, "chunk=0: pass a number of tokens per chunk"),
 ]
 
 @pytest.mark.parametrize('case', MISUSE, ids=[m[0] for m in MISUSE])
@@ -276,7 +277,7 @@ def test_cuda_no_sync_short_fit():
             loss = learn.loss_func(out, yb)
             loss.backward()
             learn.pad_guard.after_backward()
-            learn.opt.step(); learn.pad_guard.after_step(); learn.opt.zero_grad()
+            learn.opt.step(); learn.opt.zero_grad()
     finally: torch.cuda.set_sync_debug_mode(0)
     learn.pad_guard.after_fit()
 

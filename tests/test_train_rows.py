@@ -1,0 +1,198 @@
+"""Train only chosen rows (issue 17): after a few AdamW steps with weight decay, exactly the chosen rows of the token
+tables, the output layer (tied or not) and its bias moved; every other row is bitwise as it was; the pad row is zero; on
+fastai's AWD-LSTM after load_pretrained with a new vocab, GPT-2 (tied) and a Llama-style model (untied) after
+resize_token_embeddings; with freeze() and after unfreeze(); through export/load_learner; and the cost is the rows'."""
+import os, warnings
+import torch, pytest
+import torch.nn.functional as F
+from fastai.text.all import *
+from fastai_padguard.all import *
+from fastai_padguard.data import *
+from fastai_padguard.train_rows import RowTrainer
+from conftest import ids_dls, HFLogits, quiet, rel_err
+
+def effective(learn):
+    "Each frozen parameter as the model uses it: its rows with the chosen ones put in place, by parameter names"
+    rt = learn.cbs.filter(lambda c: isinstance(c, RowTrainer))
+    if not rt: return {n: p.detach().clone() for n,p in learn.model.named_parameters() if 'trained_rows' not in n}
+    tr = rt[0].trained
+    res = {n: p.detach().clone() for n,p in learn.model.named_parameters() if 'trained_rows' not in n}
+    names = {id(p): n for n,p in learn.model.named_parameters(remove_duplicate=False)}
+    for _,p,v,_,_ in tr.params:
+        for n,q in learn.model.named_parameters(remove_duplicate=False):
+            if q is p and n in res: res[n][list(tr.rows)] = v.detach()
+    return res
+
+def check_only_rows_moved(before, after, rows, frozen, pad_rows=()):
+    "`frozen`: names of the tables/heads/biases: only `rows` of them moved, each of them did; the guarded `pad_rows` are zero"
+    for n in frozen:
+        b, a = before[n], after[n]
+        others = [i for i in range(b.shape[0]) if i not in rows and i not in pad_rows]
+        assert torch.equal(a[others], b[others]), f"{n}: a row that was not chosen moved"
+        for r in rows: assert not torch.equal(a[r], b[r]), f"{n}: chosen row {r} did not train"
+        for r in pad_rows: assert (a[r] == 0).all(), f"{n}: pad row {r} is not zero"
+
+def pretrained_awd(tmp_path, drop=('W', 'Y')):
+    "A fastai LM on data whose tokens `drop` the pretrained vocab lacked, loaded with load_pretrained: (learn, new rows)"
+    set_seed(0, reproducible=True)
+    dls = protein_lm_dls(n=300, bs=16, seq_len=16)
+    base = language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False)
+    torch.save(base.model.state_dict(), tmp_path/'lm.pth')
+    save_pickle(tmp_path/'vocab.pkl', [t for t in dls.vocab if t not in drop])
+    learn = quiet(language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False, wd=0.1))
+    learn.load_pretrained(tmp_path/'lm.pth', tmp_path/'vocab.pkl')
+    rows = new_rows(dls.vocab, tmp_path/'vocab.pkl')
+    assert sorted(dls.vocab[i] for i in rows) == sorted(drop)
+    return learn, rows
+
+AWD_FROZEN = ['0.encoder.weight', '1.decoder.bias']
+
+def test_awd_after_load_pretrained_only_new_rows_move(tmp_path):
+    "load_pretrained gave the new tokens the mean row; after 2 epochs with AdamW wd=0.1 only they moved (table, tied decoder, bias)"
+    learn, rows = pretrained_awd(tmp_path)
+    learn.unfreeze()
+    learn.train_rows(rows)
+    before = effective(learn)
+    lstm0 = learn.model[0].rnns[0].weight_hh_l0_raw.detach().clone()
+    learn.fit(2, 1e-2)
+    after = effective(learn)
+    check_only_rows_moved(before, after, rows, AWD_FROZEN, pad_rows=[1, 29, 30, 31])
+    assert not torch.equal(learn.model[0].rnns[0].weight_hh_l0_raw, lstm0), "the rest of the model trains (unfrozen)"
+    assert learn.model[1].decoder.weight is learn.model[0].encoder.weight
+
+def test_freeze_then_unfreeze(tmp_path):
+    "With freeze() (load_pretrained's default) the LSTM stays still and the rows train; after unfreeze() the tables stay frozen"
+    learn, rows = pretrained_awd(tmp_path)
+    learn.train_rows(rows)  # load_pretrained froze all but the last group
+    before = effective(learn)
+    lstm0 = learn.model[0].rnns[0].weight_hh_l0_raw.detach().clone()
+    learn.fit(1, 1e-2)
+    mid = effective(learn)
+    check_only_rows_moved(before, mid, rows, AWD_FROZEN, pad_rows=[1, 29, 30, 31])
+    assert torch.equal(learn.model[0].rnns[0].weight_hh_l0_raw, lstm0), "freeze() kept the LSTM still"
+    learn.unfreeze()  # sets requires_grad on the whole group of the tables: the rows' trainer freezes them again at fit
+    learn.fit(1, 1e-2)
+    check_only_rows_moved(mid, effective(learn), rows, AWD_FROZEN, pad_rows=[1, 29, 30, 31])
+
+def test_lift_returns_to_normal_training(tmp_path):
+    learn, rows = pretrained_awd(tmp_path)
+    learn.train_rows(rows); learn.fit(1, 1e-2)
+    trained = effective(learn)
+    learn.train_rows(None)
+    assert not learn.cbs.filter(lambda c: isinstance(c, RowTrainer))
+    assert not [n for n,_ in learn.model.named_parameters() if 'trained_rows' in n]
+    w = learn.model[0].encoder.weight
+    assert torch.equal(w, trained['0.encoder.weight']) and w.requires_grad
+    learn.unfreeze(); learn.fit(1, 1e-2)
+    others = [i for i in range(w.shape[0]) if i not in rows + [1, 29, 30, 31]]
+    assert not torch.equal(w[others], trained['0.encoder.weight'][others]), "every row trains again"
+
+def test_export_load_learner_and_lift_after(tmp_path):
+    learn, rows = pretrained_awd(tmp_path)
+    learn.train_rows(rows); learn.fit(1, 1e-2)
+    trained = effective(learn)
+    learn.export(tmp_path/'m.pkl')
+    l2 = load_learner(tmp_path/'m.pkl')
+    l2.predict('ACD', n_words=2)
+    for n in AWD_FROZEN: assert torch.equal(effective(l2)[n], trained[n])
+    l2.train_rows(None)
+    assert torch.equal(l2.model[0].encoder.weight, trained['0.encoder.weight'])
+
+def test_cost_is_the_rows():
+    "The optimizer holds state for the chosen rows only, never a vocab x dim tensor; the tables have no gradient"
+    set_seed(0, reproducible=True)
+    dls = protein_lm_dls(n=300, bs=16, seq_len=16)
+    learn = quiet(language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False, wd=0.1))
+    learn.train_rows([5, 6, 7]); learn.fit(1, 1e-2)
+    V = len(dls.vocab)
+    shapes = [tuple(v.shape) for st in learn.opt.state.values() for v in st.values() if isinstance(v, Tensor)]
+    assert shapes and all(s[0] != V for s in shapes), shapes
+    assert learn.model[0].encoder.weight.grad is None and learn.model[1].decoder.bias.grad is None
+
+def test_frozen_rows_stay_in_the_softmax():
+    "The loss over chosen and frozen rows alike: plain cross-entropy over every column but the pad's and the xxfake ones"
+    set_seed(0, reproducible=True)
+    dls = protein_lm_dls(n=300, bs=16, seq_len=16)
+    learn = quiet(language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False))
+    learn.model.double(); learn.model.reset()
+    learn.train_rows([5, 6])
+    xb, yb = dls.one_batch()
+    learn.model.eval()
+    with torch.no_grad():
+        out = learn.model(xb)[0].double()
+        loss = learn.loss_func(out, yb)
+    keep = [c for c in range(out.shape[-1]) if c not in (1, 29, 30, 31)]
+    remap = torch.full((out.shape[-1],), -100); remap[keep] = torch.arange(len(keep))
+    t = yb.reshape(-1); t = torch.where(torch.isin(t, torch.tensor([1, 29, 30, 31])), -100, remap[t])
+    ref = F.cross_entropy(out.reshape(-1, out.shape[-1])[:, keep], t)
+    assert rel_err(loss, ref) <= 1e-10
+
+def hf_resized(kind, added=3):
+    "An HF LM built from a small config (no download), grown by `added` rows with resize_token_embeddings: (model, n, pad, new rows)"
+    T = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    if kind == 'gpt2':
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=True))
+    else:
+        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False))
+    m.resize_token_embeddings(50 + added + 1)  # the new tokens and a pad
+    m.config.pad_token_id = 50 + added
+    return m, 50 + added + 1, 50 + added, list(range(50, 50 + added))
+
+@pytest.mark.parametrize('kind', ['gpt2', 'llama'])
+def test_hf_after_resize(kind):
+    "GPT-2 (tied) and a Llama-style model (untied head) after resize_token_embeddings: only the added rows move"
+    m, n, pad, rows = hf_resized(kind)
+    set_seed(0, reproducible=True)
+    learn = quiet(Learner(ids_dls(n, pad, lo=3), m, loss_func=CrossEntropyLossFlat(), cbs=HFLogits(), wd=0.1)).padguard()
+    learn.train_rows(rows)
+    frozen = ['transformer.wte.weight'] if kind == 'gpt2' else ['model.embed_tokens.weight', 'lm_head.weight']
+    before = effective(learn)
+    learn.fit(2, 1e-2)
+    check_only_rows_moved(before, effective(learn), rows, frozen, pad_rows=[pad])
+
+def test_added_rows_of_a_tokenizer():
+    T = pytest.importorskip('transformers'); tk = pytest.importorskip('tokenizers')
+    vocab = {t: i for i, t in enumerate(['[UNK]', '[PAD]', 'a', 'b', 'c'])}
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk.Tokenizer(tk.models.WordLevel(vocab, unk_token='[UNK]')), unk_token='[UNK]', pad_token='[PAD]')
+    tok.add_tokens(['newword', 'other'])
+    assert added_rows(tok) == [5, 6]
+
+def test_misuse(tmp_path, lm):
+    learn = lm().padguard()
+    with pytest.raises(ValueError, match=r'Rows \[1\] are guarded'): learn.train_rows([1, 5])
+    with pytest.raises(ValueError, match='rows='): learn.train_rows([])
+    with pytest.raises(ValueError, match='out of range'): learn.train_rows([40])
+    assert not learn.cbs.filter(lambda c: isinstance(c, RowTrainer)) and not [n for n,_ in learn.model.named_parameters() if 'trained' in n]
+    learn.train_rows([5])
+    with pytest.raises(ValueError, match='already trains rows'): learn.train_rows([6])
+
+def test_after_a_normal_fit(tmp_path):
+    "Gradients and AdamW state left by an earlier fit of the whole table can't move its frozen rows (no gradient: no step)"
+    learn, rows = pretrained_awd(tmp_path)
+    learn.unfreeze(); learn.fit(1, 1e-2)
+    learn.train_rows(rows)
+    before = effective(learn)
+    learn.fit(1, 1e-2)
+    check_only_rows_moved(before, effective(learn), rows, AWD_FROZEN, pad_rows=[1, 29, 30, 31])
+
+@pytest.mark.parametrize('kind', ['awd', 'gpt2'])
+def test_lookups_and_logits_use_the_trained_rows(kind, lm):
+    "The model reads the rows' parameter, not the table's stale rows: in its lookups (EmbeddingDropout, nn.Embedding) and its logits"
+    if kind == 'awd':
+        learn = lm(); learn.train_rows([5, 6]); emb, head = learn.model[0].encoder_dp, learn.model[1].decoder
+    else:
+        m, n, pad, rows = hf_resized('gpt2')
+        learn = quiet(Learner(ids_dls(n, pad, lo=3), m, loss_func=CrossEntropyLossFlat(), cbs=HFLogits())).padguard()
+        learn.train_rows([5, 6]); emb, head = m.transformer.wte, m.lm_head
+    rt = learn.cbs.filter(lambda c: isinstance(c, RowTrainer))[0]
+    v = rt.trained.params[0][2]
+    with torch.no_grad(): v.add_(1.)  # the rows now differ from the table's
+    learn.model.eval()
+    with torch.no_grad():
+        out = emb(torch.tensor([[5, 6, 7]]))
+        assert torch.equal(out[0, :2], v) and torch.equal(out[0, 2], rt.trained.params[0][1][7])
+        h = torch.randn(3, v.shape[1])
+        logits = head(h)
+        assert torch.allclose(logits[:, [5, 6]], F.linear(h, v, None if head.bias is None else rt.trained.params[-1][2]), atol=1e-6)
