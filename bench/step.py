@@ -157,18 +157,21 @@ def markdown(res)->str:
         sd['syncs'] = [x for x in sd['syncs'] if 'prototype' not in x]; sd['n_syncs'] = len(sd['syncs'])
     c = res['config']
     grow = any('growth_mb' in d for d in res['variants'].values())
+    floor = res['variants'].get('floor: no output layer, no loss', {}).get('growth_mb')  # what the step holds without head and loss
     lines = [f"`{res['command']}` on {res['device']} ({res['machine']}, {res['threads']} threads); vocab {c['vocab']}, "
              f"emb {c['emb']}, hidden {c['hid']} x {c['layers']} layers, bs {c['bs']} x {c['seq_len']}, {c['reps']} rounds of {c['steps']} steps:", '',
              f"PadGuard's own per-step work (its `after_backward` + the write-back in the step, timed directly): {res['guard_events_us']:.0f} µs, "
              f"{res['guard_events_share']*100:.4f}% of a plain step.", '',
              '| variant | median step | ratio to plain | spread (min-max ratio) | peak memory | vs plain |' +
-             (' growth in a step | vs plain | growth to the end of backward | vs plain |' if grow else ''),
-             '|---|---:|---:|---:|---:|---:|' + ('---:|---:|---:|---:|' if grow else '')]
+             (' growth in a step | vs plain |' + (' output layer + loss (growth above the floor) | vs plain |' if floor else '') if grow else ''),
+             '|---|---:|---:|---:|---:|---:|' + ('---:|---:|' + ('---:|---:|' if floor else '') if grow else '')]
     p0 = res['variants'].get('plain fastai', {})
     for v,d in res['variants'].items():
         mem = f"{d['peak_mb']:.0f} MB | {d['peak_delta_mb']:+.0f} MB" if 'peak_mb' in d else '- | -'
-        for k in ('growth_mb', 'fwd_bwd_mb') if grow else ():
-            mem += f" | {d[k]:.0f} MB | {d[k]/p0[k]*100:.0f}%" if k in d and p0.get(k) else ' | - | -'
+        if grow: mem += f" | {d['growth_mb']:.0f} MB | {d['growth_mb']/p0['growth_mb']*100:.0f}%" if 'growth_mb' in d and p0.get('growth_mb') else ' | - | -'
+        if grow and floor is not None:
+            a, a0 = d.get('growth_mb', floor) - floor, p0['growth_mb'] - floor
+            mem += ' | - | -' if 'floor' in v else f" | {a:.0f} MB | {a/a0*100:.0f}%"
         t = f"{d['median_s']*1e3:.1f} ms" if d['median_s'] < 1 else f"{d['median_s']:.3f} s"
         lines.append(f"| {v} | {t} | {d['ratio']:.3f}x | {d['min_ratio']:.3f}-{d['max_ratio']:.3f} | {mem} |")
     sd = res.get('sync_debug')

@@ -166,7 +166,7 @@ class PadGuard(Callback):
         if head is None: return f"off: {why}, so the logits are computed as usual"
         names = {m:n for n,m in self.learn.model.named_modules()}
         s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "
-             f"{f'{self.chunk} tokens' if self.chunk else 'at most 64 MiB of logits'} at a time (padguard(fused=False) turns it off)")
+             f"{f'{self.chunk} tokens at a time' if self.chunk else 'in chunks of at most 64 MiB of logits'} (padguard(fused=False) turns it off)")
         if self.logits_computed: s += "; something read the training logits (a metric with train_metrics=True, a callback), so they were computed for it"
         return s
 

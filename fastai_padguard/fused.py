@@ -63,6 +63,8 @@ class FusedLogits(Tensor):
         r.h, r.weight, r.bias, r.head, r.fns, r.cast, r._real = h, weight, bias, head, tuple(fns), cast, None  # shape and dtype, no storage
         return r
 
+    def __repr__(self, **kwargs): return f"FusedLogits(shape={tuple(self.shape)}, dtype={self.dtype}, not computed: the loss computes them in chunks)"
+
     def materialize(self)->Tensor:
         "The logits, computed (once) as the layer and the functions after it would have, with autograd"
         if self._real is None:
@@ -92,8 +94,8 @@ class FusedLogits(Tensor):
         targ:Tensor, # Its targets
     )->Tensor:
         "`loss` of these logits against `targ`, chunk by chunk, never holding them whole (`PadCrossEntropyLossFlat` calls it)"
-        h = self.h.as_subclass(Tensor).reshape(-1, self.h.shape[-1])
-        t = targ.as_subclass(Tensor).reshape(-1)
+        plain = lambda x: x if type(x) is Tensor else x.as_subclass(Tensor)  # fastai's TensorText: dropped (fastai 2.7 can't recast a Tensor)
+        h, t = plain(self.h).reshape(-1, self.h.shape[-1]), plain(targ).reshape(-1)
         if loss.axis not in (-1, self.dim()-1) or self._real is not None or t.shape[0] != h.shape[0]: return loss(self.materialize(), targ)
         n = self.head.chunk if self.head is not None and self.head.chunk else chunk_rows(h.shape[0], self.weight.shape[0], h.shape[1])
         return _FusedCE.apply(h, self.weight, self.bias, t, loss.func, self.fns, n, self.cast)
@@ -215,6 +217,7 @@ def fused_head(model:nn.Module, # The learner's model
                chunk:int|None=None, # Tokens per chunk; by default from the sizes
               )->tuple:
     "`(FusedHead, None)` for the output layer that `g` found, or `(None, why)` when the logits must be computed as usual"
+    if g.loss_rows is None: return None, "no output layer writes the token vocab (not a language model)"
     if not isinstance(loss, PadCrossEntropyLossFlat): return None, f"the loss is {type(loss).__name__}, not PadCrossEntropyLossFlat"
     if g.head is None: return None, "no single linear layer was seen writing the logits the loss scores"
     if type(g.head).forward is not nn.Linear.forward:
