@@ -9,7 +9,7 @@ memory per variant in a fresh process (growth over what was resident before the 
 """
 import argparse, json, os, platform, statistics, subprocess, sys, warnings
 warnings.filterwarnings('ignore')
-import torch, fastai, peft, transformers
+import torch, fastai
 from fastai.text.all import *
 from fastai_padguard.all import *
 from step import StepTimer
@@ -20,6 +20,7 @@ class Logits(Callback):
     def after_pred(self): self.learn.pred = self.pred.logits
 
 def make(args):
+    import transformers
     cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.emb, n_layer=2, n_head=4,
                                   tie_word_embeddings=True, pad_token_id=0)
     torch.manual_seed(0)
@@ -33,6 +34,7 @@ def make(args):
     return cfg, state, dls, rows
 
 def learner(variant, cfg, state, dls, rows, args):
+    import transformers, peft
     m = transformers.GPT2LMHeadModel(cfg); m.load_state_dict(state)
     for p in m.parameters(): p.requires_grad_(False)
     if variant == VARIANTS[0]:
@@ -86,6 +88,7 @@ def main():
         for v in VARIANTS:
             t = StepTimer(cuda); run(learns[v], t); times[v] += t.times
     base = statistics.median(times[VARIANTS[0]])
+    import peft
     res = {'machine': f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, fastai {fastai.__version__}, "
                       f"peft {peft.__version__}", 'device': args.device if not cuda else torch.cuda.get_device_name(),
            'config': {k: getattr(args, k) for k in ('vocab','emb','rows','bs','seq_len','reps','steps','quick')},
