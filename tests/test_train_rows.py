@@ -196,3 +196,14 @@ def test_lookups_and_logits_use_the_trained_rows(kind, lm):
         h = torch.randn(3, v.shape[1])
         logits = head(h)
         assert torch.allclose(logits[:, [5, 6]], F.linear(h, v, None if head.bias is None else rt.trained.params[-1][2]), atol=1e-6)
+
+@pytest.mark.parametrize('opt', ['Lamb', 'ranger', 'SGD-mom', 'RAdam'])
+def test_every_optimizer_accumulation_checkpoints(tmp_path, opt):
+    "Lamb, ranger, SGD with momentum, RAdam; GradientAccumulation; SaveModelCallback: only the chosen rows move"
+    learn, rows = pretrained_awd(tmp_path)
+    learn.opt_func = {'Lamb': Lamb, 'ranger': ranger, 'SGD-mom': partial(SGD, mom=0.9), 'RAdam': RAdam}[opt]
+    learn.path = tmp_path
+    learn.unfreeze(); learn.train_rows(rows)
+    before = effective(learn)
+    learn.fit_one_cycle(2, 1e-2, wd=0.1, cbs=[GradientAccumulation(32), SaveModelCallback(fname='best')])
+    check_only_rows_moved(before, effective(learn), rows, AWD_FROZEN, pad_rows=[1, 29, 30, 31])
