@@ -46,7 +46,7 @@ class _RowsEmbeddingDropout:
         if m.training and m.embed_p != 0:
             mask = dropout_mask(m.emb.weight.data, (m.emb.weight.size(0),1), m.embed_p)
             masked_embed = m.emb.weight * mask
-            vals = vals * mask[list(self.slots.rows)]
+            vals = vals * mask.index_select(0, rows_on(self.slots.rows, mask.device))  # rows worked out once per device
         else: masked_embed = m.emb.weight
         if scale: masked_embed = masked_embed * scale; vals = vals * scale
         out = F.embedding(words, masked_embed, ifnone(m.emb.padding_idx, -1), m.emb.max_norm, m.emb.norm_type,
@@ -57,7 +57,8 @@ class _HeadHook:
     "Forward hook of an `nn.Linear` output layer: the chosen columns of its logits from the chosen rows (and bias entries)"
     def __init__(self, rows, w, b): self.rows,self.w,self.b = rows,w,b
     def __call__(self, m, args, out):
-        vals = F.linear(args[0], self.w, self.b if self.b is not None else (None if m.bias is None else m.bias[list(self.rows)]))
+        b = self.b if self.b is not None or m.bias is None else m.bias.index_select(0, rows_on(self.rows, m.bias.device))
+        vals = F.linear(args[0], self.w, b)
         return out.index_copy_(-1, rows_on(self.rows, out.device), vals.to(out.dtype))
 
 # %% ../nbs/04a_train_rows.ipynb #c006

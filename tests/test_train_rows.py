@@ -207,3 +207,10 @@ def test_every_optimizer_accumulation_checkpoints(tmp_path, opt):
     before = effective(learn)
     learn.fit_one_cycle(2, 1e-2, wd=0.1, cbs=[GradientAccumulation(32), SaveModelCallback(fname='best')])
     check_only_rows_moved(before, effective(learn), rows, AWD_FROZEN, pad_rows=[1, 29, 30, 31])
+
+def test_embedding_dropout_drops_the_chosen_rows_too(lm):
+    "In training, fastai's EmbeddingDropout masks whole rows: a chosen row it drops is dropped, as a table row would be"
+    learn = lm(); learn.train_rows([5, 6])
+    ed = learn.model[0].encoder_dp; ed.embed_p = 1 - 1e-9  # every row dropped
+    ed.train(); torch.manual_seed(0)
+    assert (ed(torch.tensor([[5, 6, 7]])) == 0).all()
