@@ -15,3 +15,6 @@ timeout 200 $py bench/step.py --device cuda --reps 10 --steps 5 --vocab 250000 -
 # issue 16: the fused path beside padguard(fused=False), plain fastai and torch's F.linear_cross_entropy (Liger and CCE in bench/loss.py)
 timeout 200 $py bench/step.py --fused --bs 16 --device cuda --reps 10 --steps 5 --json "$OUT/results-fused-cuda.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
 timeout 200 $py bench/step.py --fused --bs 16 --device cuda --reps 10 --steps 5 --vocab 250000 --json "$OUT/results-fused-cuda-250k.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
+# the same with the small tied AWD-LSTM of issue 16's targets (README's quick-start sizes: the output layer and loss dominate the step)
+timeout 200 $py bench/step.py --fused --emb 32 --hid 64 --layers 2 --bs 16 --device cuda --reps 10 --steps 5 --json "$OUT/results-fused-small-cuda.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
+timeout 200 $py bench/step.py --fused --emb 32 --hid 64 --layers 2 --bs 16 --device cuda --reps 10 --steps 5 --vocab 250000 --json "$OUT/results-fused-small-cuda-250k.json" 2>&1 | tee -a "$OUT/step-cuda.txt"

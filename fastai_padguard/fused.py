@@ -105,11 +105,13 @@ CHUNK_BYTES = 64 * 2**20
 
 def chunk_rows(n:int, # Tokens in the batch
                vocab:int, # Columns of the logits
-               dim:int=0, # The layer's input features: chunks never hold fewer than `dim // 2` tokens
+               dim:int=0, # The layer's input features: chunks hold `dim // 2` to `2 * dim` tokens
                budget:int=CHUNK_BYTES, # Bytes that one chunk's float32 logits may take
               )->int:
-    "Tokens per chunk: the batch in equal chunks whose float32 logits fit in `budget` bytes, of at least `dim // 2` tokens"
-    c = max(1, budget // (vocab * 4), dim // 2)
+    "Tokens per chunk: the batch in equal chunks whose float32 logits fit in `budget` bytes, of `dim // 2` to `2 * dim` tokens"
+    c = budget // (vocab * 4)
+    if dim: c = max(dim // 2, min(c, 2 * dim))  # the weight's traffic per chunk sets the floor; memory and cache the ceiling
+    c = max(1, c)
     return math.ceil(n / math.ceil(n / c))
 
 def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None):

@@ -125,11 +125,10 @@ def masked_ce_grad(lsm:Tensor, # The log-probabilities `masked_ce` was given: ov
 
 class _MaskedCE(torch.autograd.Function):
     "Cross-entropy of `x` `(N, C)` with columns `idx` out of the softmax and out of the targets"
-    in_place = True  # mask the logits in place and restore them (False: mask a copy; `bench/loss.py` compares the two)
     @staticmethod
     def forward(ctx, x, t, idx, fill, ignore_index, weight, smoothing, reduction, den=None):
         half = x.dtype in (torch.float16, torch.bfloat16)
-        if half or not _MaskedCE.in_place or x.is_inference() or _compiling():
+        if half or x.is_inference() or _compiling():
             lsm = torch.log_softmax(x.to(torch.float32 if half else x.dtype, copy=True).index_fill_(1, idx, -inf), 1)
         else:
             xd = x.data  # written and restored bitwise before anything reads it; `.data` leaves the version counter alone

@@ -37,8 +37,8 @@ def test_loss_bench_runs():
                          check=True, capture_output=True, text=True, timeout=300).stdout
     assert 'PadCrossEntropyLossFlat' in out and 'fused: padguard() default' in out and 'copy_ into an existing one' in out
 
-import pytest
-@pytest.mark.parametrize('saved', ['results.json', 'results-cuda.json', 'results-cuda-250k.json', 'results-fused.json', 'results-fused-250k.json'])
+@pytest.mark.parametrize('saved', ['results.json', 'results-cuda.json', 'results-cuda-250k.json', 'results-fused.json', 'results-fused-250k.json',
+                                   'results-fused-small.json', 'results-fused-small-250k.json'])
 def test_readme_table_is_the_saved_run(saved):
     "The cost tables (bench/README.md) are `bench/step.py --table bench/<saved run>`, so the figures come from runs anyone can repeat"
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'step.py'), '--table', str(ROOT/'bench'/saved)],

@@ -255,8 +255,10 @@ def test_no_host_sync_in_a_fused_step(lm):
     assert not SYNC_OPS & set(rec.ops), SYNC_OPS & set(rec.ops)
 
 def test_chunk_rows():
-    "At most 64 MiB of float32 logits, at least dim // 2 tokens, equal chunks"
+    "At most 64 MiB of float32 logits and 2 * dim tokens, at least dim // 2 tokens, equal chunks"
     assert chunk_rows(1152, 60000, 400) == 231 and chunk_rows(1152, 250000, 400) == 192 and chunk_rows(1152, 250000) == 64
+    assert chunk_rows(1152, 60000, 32) == 64 and chunk_rows(2304, 60000, 64) == 128 and chunk_rows(1152, 60000, 128) == 231
+    assert chunk_rows(1152, 250000, 32) == 64  # the budget (67 tokens) under the ceiling (64)
     assert chunk_rows(10, 5) == 10 and chunk_rows(2304, 60000, budget=2**30) == 2304
 
 def test_the_fused_forward_is_only_for_the_loss(lm):
