@@ -190,6 +190,19 @@ def test_validation_get_preds_predict_and_metrics_equal_unfused():
     assert all(abs(x - y) <= 1e-9 * max(1, abs(y)) for x, y in zip(va, vb)), (va, vb)
     assert rel_err(pa, pb) <= 1e-9 and ta == tb
 
+def test_show_results_equal_unfused(monkeypatch):
+    "show_results (its own predictions on a batch, decoded to text) shows the same rows fused and unfused"
+    import fastai.text.learner as text_learner
+    shown = []
+    monkeypatch.setattr(text_learner, 'display_df', shown.append)
+    for fused in (True, False):
+        learn = awd(f64=True)
+        learn.padguard(fused=fused, chunk=7)
+        learn.fit(1, 1e-2)
+        learn.show_results(max_n=3)
+    assert len(shown) == 2 and len(shown[0]) == 3 and list(shown[0].columns) == ['input', 'target', 'pred']
+    assert shown[0].equals(shown[1]), (shown[0], shown[1])
+
 def test_train_metrics_get_the_logits():
     "train_metrics=True: the metric reads learn.pred in training, gets the logits computed, and the guard says so"
     learn = awd(f64=True, metrics=accuracy)
