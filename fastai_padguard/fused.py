@@ -145,7 +145,7 @@ def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None):
             l, saved = masked_ce(lsm, t[s:s+n], idx, fill, ign, wt, sm, red, den)
             losses.append(l)
             if not any(need): continue
-            dz = masked_ce_grad(lsm, saved, lsm.new_ones(()) if go is None else go[s:s+n])
+            dz = masked_ce_grad(lsm, saved, 1. if go is None else go[s:s+n])
             if fns: dz, = torch.autograd.grad(y, zr, dz.to(y.dtype))
             if dz.dtype != cd: dz = z.copy_(dz)
             if gh is not None:

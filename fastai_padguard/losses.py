@@ -112,7 +112,7 @@ def masked_ce(lsm:Tensor, # `(N, C)` log-probabilities, the left-out columns at 
 
 def masked_ce_grad(lsm:Tensor, # The log-probabilities `masked_ce` was given: overwritten with the gradient
                    saved:tuple, # What `masked_ce` returned beside the loss
-                   g:Tensor, # The loss's gradient: a scalar, or one per target for reduction 'none'
+                   g:Tensor|float, # The loss's gradient: a scalar, or one per target for reduction 'none'
                   )->Tensor:
     "The gradient of `masked_ce`'s loss with respect to the logits, written over `lsm` (the left-out columns get exactly 0)"
     ts,a,b,c,wk,s = saved

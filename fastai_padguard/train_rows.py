@@ -8,7 +8,7 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/train_rows.html.md"""
 from __future__ import annotations
 from fastai.basics import *
 from fastai.text.models.awdlstm import EmbeddingDropout, dropout_mask
-from .rows import Guarded, rows_on, check_idx, text_vocabs, learn_vocab
+from .rows import Guarded, rows_on, check_idx, text_vocabs
 from .core import PadGuard
 from .learner import padguard
 

@@ -124,6 +124,17 @@ class LargestOutput(TorchDispatchMode):
             if isinstance(o, torch.Tensor): self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
         return out
 
+class NewStorages(TorchDispatchMode):
+    "How many new storages of at least `numel` elements ops write while it is on (in-place writes and views are not new)"
+    def __init__(self, numel): super().__init__(); self.min, self.n = numel, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ins = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.numel() >= self.min and o.untyped_storage().data_ptr() not in ins: self.n += 1
+        return out
+
 class Float64Recorder(Callback):
     "fastai's smoothed loss starts as a float32 tensor, which `torch.lerp` won't mix with a float64 loss: start it in float64"
     order = Recorder.order + 1  # after the Recorder's before_fit resets it

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from fastai.text.all import *
 from fastai_padguard.all import *
 from fastai_padguard.data import *
-from conftest import guarded_rows_of
+from conftest import guarded_rows_of, NewStorages
 
 def reference(x, t, rows):
     "Cross-entropy in float64 computed on `x` with the `rows` columns deleted, over positions whose target is not in `rows`"
@@ -283,3 +283,11 @@ def test_issue_example_pad_zero_minus_100():
     t = torch.tensor([3, -100, 5, 6, 7, 8])
     loss = PadCrossEntropyLossFlat(0)(x, t)
     assert torch.isfinite(loss) and torch.allclose(loss, reference_all(x, t, {0}), rtol=1e-10)
+
+def test_the_logits_are_held_once():
+    "The loss masks the logits in place and restores them: forward and backward write one new logits-sized tensor (the log-probabilities, reused as the gradient)"
+    x = torch.randn(64, 500, requires_grad=True)
+    z, t = x * 1, torch.randint(0, 500, (64,))  # logits made by an op, as a model's are
+    with NewStorages(z.numel()) as rec: g, = torch.autograd.grad(PadCrossEntropyLossFlat(1)(z, t), z)
+    assert rec.n == 1, rec.n
+    assert torch.equal(g[:, 1], torch.zeros(64))
