@@ -7,7 +7,6 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/core.html.md"""
 # %% ../nbs/01_core.ipynb #c003
 from __future__ import annotations
 from fastai.basics import *
-from fastai.distributed import DistributedTrainer
 from .rows import *
 from .losses import PadCrossEntropyLossFlat
 from .fused import fused_head
@@ -48,7 +47,7 @@ def pad_loss_rows(lf:Callable, # The learner's loss
 
 class PadGuard(Callback):
     "Keep the pad row (and `extra_idxs` rows) of token tables, output layers and their biases zeroed or frozen"
-    order = DistributedTrainer.order + 1  # 12: after DDP wraps the model, so the rows are found in the model that trains
+    order = 12  # DistributedTrainer.order + 1: after DDP wraps the model (fastai.distributed needs accelerate, not a dependency)
     def __init__(self,
         pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
         mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at the values they had when training started

@@ -4,6 +4,7 @@ try: import tomllib
 except ImportError: import tomli as tomllib  # Python 3.10
 from pathlib import Path
 import pytest
+from fastai_padguard.all import PadGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 def pyproject(): return tomllib.loads((ROOT/'pyproject.toml').read_text())
@@ -37,7 +38,27 @@ def test_ci_runs_readme_commands():
     for cmd in ['pip install -e ".[dev]"', 'python -m pytest']:
         assert cmd in readme and cmd in ci, cmd
     assert 'pip install .' in readme, "the user install"
+    assert '.venv-user/bin/pip install -q .' in ci and 'tests/user_run.py' in ci, "CI installs as a user does, without extras"
     assert '../shared' not in readme and 'seed thread' not in readme
+
+def test_imports_without_dev_extras():
+    "A user's `pip install .` has none of the dev extras: the library, the demo and the data import without them (accelerate was needed once)"
+    block = "import sys; [sys.modules.__setitem__(m, None) for m in ('accelerate', 'transformers', 'peft', 'nbdev', 'nbformat', 'pytest')]; "
+    out = subprocess.run([sys.executable, '-c', block + 'import fastai_padguard.all, fastai_padguard.demo, fastai_padguard.data; print("ok")'],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == 'ok', out.stderr[-2000:]
+
+def test_readme_code_is_what_user_run_runs():
+    "tests/user_run.py runs every Python block of README (the quick start first), which CI runs in a bare venv"
+    from user_run import readme_code
+    code = readme_code((ROOT/'README.md').read_text())
+    assert code.startswith('from fastai.text.all import *') and 'learn.padguard()' in code and 'pad_audit(dls)' in code
+
+def test_padguard_order_follows_distributed_trainer():
+    "PadGuard runs right after fastai's DistributedTrainer (whose module needs accelerate, so the order is written as a number)"
+    pytest.importorskip('accelerate')
+    from fastai.distributed import DistributedTrainer
+    assert PadGuard.order == DistributedTrainer.order + 1
 
 def test_github_workflows_are_nbdevs_pinned_to_ci():
     "nbdev's usual workflows: tests on push run exactly .ci/run; docs built by Quarto with nbdev 3's nbdev-docs and deployed"
