@@ -13,8 +13,11 @@ from .fused import fused_head
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 
+_CANCELS = (CancelBatchException, CancelStepException, CancelBackwardException, CancelTrainException, CancelValidException,
+            CancelEpochException, CancelFitException)  # fastai's own ways to end part of a fit: its events still run
+
 # %% auto #0
-__all__ = ['GuardedStep', 'pad_loss_rows', 'PadGuard']
+__all__ = ['GuardedStep', 'FusedBatch', 'pad_loss_rows', 'PadGuard']
 
 # %% ../nbs/01_core.ipynb #c004
 class GuardedStep:
@@ -25,8 +28,25 @@ class GuardedStep:
         had:bool, # Whether that step was set on the optimizer itself (put back after the fit) rather than its class's method
     ): store_attr()
     def __call__(self, *args, **kwargs):
+        if self.guard.fusion is not None: self.guard.fusion.keep_weights()  # `learn.pred` stays the logits the loss saw
         try: return self.step(*args, **kwargs)
         finally: self.guard.write_back()
+
+class FusedBatch:
+    "fastai's work on one training batch with the fused output layer installed for it alone, taken off in `finally`"
+    def __init__(self,
+        learn:Learner, # The learner whose `_do_one_batch` it stands in for, during a fit
+        guard, # The `PadGuard` whose `fusion` (a `FusedHead`, or `None`) it installs
+    ): store_attr()
+    def __call__(self):
+        learn, head = self.learn, self.guard.fusion if self.guard.learn is self.learn else None  # a guard removed: plain fastai
+        if head is None or not learn.training: return type(learn)._do_one_batch(learn)
+        head.install()
+        try: return type(learn)._do_one_batch(learn)
+        except BaseException as e:
+            if not isinstance(e, _CANCELS): self.guard._unfuse(); self.guard._unbatch()  # an interrupt: no `after_fit`
+            raise
+        finally: head.remove()  # fastai runs no event on an interrupt: a `finally` is the one place that always runs
 
 def pad_loss_rows(lf:Callable, # The learner's loss
                   g:Guarded, # What the guard found
@@ -96,11 +116,11 @@ class PadGuard(Callback):
         self._unfuse()  # a fit that was interrupted (fastai skips after_fit then) may have left it on
         self.logits_computed = False
         if self._wd is None and weight_dropout_remedy_needed(self.learn.model): self._wd = patch_weight_dropout()
+        if self.fused: self.learn._do_one_batch = FusedBatch(self.learn, self)  # fastai reads it before `before_batch`: set for the whole fit
 
     def before_batch(self):
         "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch"
         if self.training and self._ps is None: self._setup()
-        if self.fusion is not None: self.fusion.on = self.training
 
     def after_loss(self):
         "The fused output layer is only for the loss of a training batch: anything after it gets the layer's own forward"
@@ -124,7 +144,6 @@ class PadGuard(Callback):
         self._unfuse()
         if self.fused:
             self.fusion, _ = fused_head(self.learn.model, self.learn.loss_func, g, self.chunk)
-            if self.fusion is not None: self.fusion.install()
         opt = self.learn.opt
         cur = opt.__dict__.get('step')
         if isinstance(cur, GuardedStep): cur.guard = self
@@ -155,6 +174,10 @@ class PadGuard(Callback):
         self._ps = self._saved = None
         self._unfuse()
         if self._wd is not None: self._wd.undo(); self._wd = None
+        self._unbatch()
+
+    def _unbatch(self):
+        if isinstance(self.learn.__dict__.get('_do_one_batch'), FusedBatch): del self.learn._do_one_batch
 
     def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None, '_wd': None, 'fusion': None}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastai.basics import *
 from .rows import Guarded
 from .losses import PadCrossEntropyLossFlat, masked_ce, masked_ce_grad
-import math
+import math, weakref
 from math import inf
 
 # %% auto #0
@@ -61,6 +61,7 @@ class FusedLogits(Tensor):
         shape = (*h.shape[:-1], weight.shape[0])
         r = Tensor._make_subclass(cls, torch.zeros((), dtype=dtype, device=h.device).expand(shape), h.requires_grad or weight.requires_grad)
         r.h, r.weight, r.bias, r.head, r.fns, r.cast, r._real = h, weight, bias, head, tuple(fns), cast, None  # shape and dtype, no storage
+        if head is not None: head.made.append(weakref.ref(r))  # so the head can keep the weights they need before a step
         return r
 
     def __repr__(self, **kwargs): return f"FusedLogits(shape={tuple(self.shape)}, dtype={self.dtype}, not computed: the loss computes them in chunks)"
@@ -196,18 +197,27 @@ class FusedHead:
     def __init__(self,
         mod:nn.Linear, # The output layer
         chunk:int|None=None, # Tokens per chunk; by default `chunk_rows` of the batch's sizes
-    ): self.mod,self.chunk,self.on,self.computed = mod,chunk,False,False
+    ): self.mod,self.chunk,self.on,self.computed,self.made = mod,chunk,False,False,[]
     def __call__(self, x:Tensor)->Tensor:
         m = self.mod
         if self.on and torch.is_grad_enabled(): return FusedLogits(x, m.weight, m.bias, self)
         return F.linear(x, m.weight, m.bias)
     def install(self):
-        "Swap it in as the layer's `forward`"
-        self.mod.forward = self
+        "Swap it in as the layer's `forward`, on, for one training batch"
+        self.mod.forward, self.on, self.made = self, True, []
     def remove(self):
         "Give the layer its own `forward` back"
         self.on = False
         if self.mod.__dict__.get('forward') is self: del self.mod.forward
+    def keep_weights(self):
+        "Before an optimizer step: the logits it made that are not computed yet will be computed from the weights the loss saw"
+        live = [x for x in (r() for r in self.made) if x is not None and x._real is None]
+        if not live: return
+        w, b = self.mod.weight, self.mod.bias
+        wc, bc = w.detach().clone(), None if b is None else b.detach().clone()  # the layer's size: the step updates it in place
+        for x in live:
+            if x.weight is w: x.weight = wc
+            if b is not None and x.bias is b: x.bias = bc
     def __repr__(self): return f"FusedHead(chunk={self.chunk or 'from the sizes'})"
 
 def _compiled(model)->bool:

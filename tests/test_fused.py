@@ -213,6 +213,46 @@ def test_train_metrics_get_the_logits():
     assert 0 <= vals[1] <= 1
     assert learn.pad_guard.logits_computed and 'something read the training logits' in repr(learn.pad_guard)
 
+class PredReader(Callback):
+    "Reads `learn.pred` of each training batch at `event` (after the optimizer's step): the loss it gives, and the logits"
+    order = 99
+    def __init__(self, event): self.event, self.losses, self.logits = event, [], []
+    def _read(self):
+        if not self.training: return
+        x = self.pred[:]  # any op but the loss computes the logits
+        self.losses.append((self.learn.loss_func(x, *self.yb).item(), self.learn.loss.item()))
+        self.logits.append(x.detach().clone())
+    def after_step(self):
+        if self.event == 'after_step': self._read()
+    def after_batch(self):
+        if self.event == 'after_batch': self._read()
+
+@pytest.mark.parametrize('event', ['after_step', 'after_batch'])
+def test_pred_read_after_the_step_is_what_the_loss_saw(event):
+    "learn.pred read after the optimizer's step: the loss of it is learn.loss, and its logits equal the unfused learner's"
+    out = []
+    for fused in (True, False):
+        learn = awd(f64=True)
+        learn.padguard(fused=fused, chunk=7)
+        r = PredReader(event)
+        learn.fit(1, 1e-2, cbs=r)
+        out.append(r)
+    a, b = out
+    assert all(abs(l - ref) <= 1e-12 * abs(ref) for l, ref in a.losses), a.losses[:3]
+    assert len(a.logits) == len(b.logits) > 10
+    for x, y in zip(a.logits, b.logits): assert rel_err(x, y) <= 1e-9
+
+def test_train_metrics_equal_unfused():
+    "Recorder(train_metrics=True) reads learn.pred in after_batch, after the step: the same accuracy as fused=False"
+    vals = []
+    for fused in (True, False):
+        learn = awd(f64=True, metrics=accuracy)
+        learn.padguard(fused=fused, chunk=7)
+        learn.recorder.train_metrics = True
+        learn.fit(1, 1e-2)
+        vals.append(learn.recorder.values[-1])
+    assert all(abs(x - y) <= 1e-9 * max(1, abs(y)) for x, y in zip(*vals)), vals
+
 def test_fastai_callbacks_with_the_fused_path():
     "RNNRegularizer (on by default), GradientAccumulation (a loss scaled before backward) and GradientClip: as unfused"
     out = []
@@ -243,10 +283,14 @@ def test_export_and_interrupt(lm, tmp_path):
     assert 'forward' not in l2.model[1].decoder.__dict__
     l2.predict('ACD', n_words=2)
     class Stop(Callback):
+        "A Ctrl-C after the fused forward, before the loss, of the second training batch (the first is where the rows are found)"
         def after_pred(self):
-            if self.training: raise KeyboardInterrupt
+            if self.training and self.iter == 1 and isinstance(self.pred, FusedLogits): raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt): learn.fit(1, 1e-2, cbs=Stop())
-    with torch.no_grad(): assert not isinstance(learn.model(learn.dls.one_batch()[0])[0], FusedLogits)
+    assert learn.iter == 1 and 'forward' not in learn.model[1].decoder.__dict__ and '_do_one_batch' not in learn.__dict__
+    learn.model.train()
+    assert not isinstance(learn.model(learn.dls.one_batch()[0])[0], FusedLogits), "a forward with grad after the interrupt"
+    learn.model.reset()
     learn.get_preds(reorder=False)
     learn.export(tmp_path/'m2.pkl')
     learn.fit(1, 1e-2)
