@@ -84,7 +84,7 @@ class PadGuard(Callback):
             raise ValueError(f"chunk={chunk!r}: pass a number of tokens per chunk (an int >= 1), or None to size chunks from the vocab")
         self.mode,self.extra_idxs,self.emb,self.out,self.fused,self.chunk = mode,check_extra_idxs(extra_idxs),emb,out,bool(fused),chunk
         self._ps,self._saved,self.resolution,self.pad_loss,self.loss_note,self._wd = None,None,None,None,None,None
-        self.fusion,self.logits_computed = None,False
+        self.fusion,self.logits_computed,self._for = None,False,None
 
     def resolve(self,
         batch:tuple|None=None, # `(xb, yb)` to find the rows from; by default one drawn from `learn.dls`, leaving it as it was
@@ -96,12 +96,35 @@ class PadGuard(Callback):
         with patch_weight_dropout() if weight_dropout_remedy_needed(model) else nullcontext():
             g = find_guarded(model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, self.learn)
         if check_loss: pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
+        trained = {r for c in self.learn.cbs for r in getattr(getattr(c, 'trained', None), 'rows', ())}  # a `RowTrainer`'s rows
+        both = sorted(trained & {r for t in g.targets for r in t.rows})
+        if both: raise ValueError(f"Rows {both} train (learn.train_rows), so the guard can't also keep them {self.mode}: leave them out of "
+                                  "extra_idxs, or lift the training rows first with learn.train_rows(None)")
         return g
+
+    def _is_current(self, g)->bool:
+        "Whether resolution `g` still describes the learner: the same model and data, and its parameters still the model's"
+        if g is None or self.learn is None or self._for != self._resolved_key(): return False
+        ps = {id(p) for p in self.learn.model.parameters()}
+        return all(id(t.param) in ps for t in g.targets)
+
+    def _resolved_key(self): return id(self.learn.model), id(getattr(self.learn, 'dls', None))
+
+    def current_resolution(self)->Guarded:
+        "The resolution this fit (or `padguard()`) made, while it still describes the learner; else a new one, kept"
+        if not self._is_current(self.resolution): self.keep(self.resolve())
+        return self.resolution
+
+    def keep(self,
+        g:Guarded, # A resolution of this learner's model, data and loss
+    ):
+        "Keep `g` as the decision that the callbacks, `repr`, `row_audit` and `train_rows` read"
+        self.resolution, self._for = g, self._resolved_key()
 
     @property
     def guarded(self)->dict:
         "What is guarded in the learner's current model: `{parameter names: rows}`"
-        return self.resolve().rows
+        return self.current_resolution().rows
 
     def _one_guard(self):
         others = [c for c in self.learn.cbs if isinstance(c, PadGuard) and c is not self]
@@ -137,9 +160,9 @@ class PadGuard(Callback):
         g = self.resolve((self.xb, self.yb), check_loss=False)
         rows = pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         if rows is not None: self.learn.loss_func.set_rows(g.pad_idx, rows)
-        ps = [(t.param, rows_on(t.rows, t.param.device)) for t in g.targets]
-        self._saved = [p.detach().index_select(0, i) for p,i in ps] if self.mode=='freeze' else None
-        self._ps,self.resolution = ps,g
+        self._saved = [t.param.detach().index_select(t.dim, t.index()) for t in g.targets] if self.mode=='freeze' else None
+        self._ps = g.targets
+        self.keep(g)
         self.write_back()
         self._unfuse()
         if self.fused:
@@ -152,17 +175,17 @@ class PadGuard(Callback):
     def after_backward(self):
         "Zero the guarded rows of every gradient, before any callback reads them (`GradientClip`, `MixedPrecision` in `before_step`)"
         if self._ps is None: return
-        for p,i in self._ps:
-            if p.grad is not None: p.grad.index_fill_(0, i, 0.)
+        for t in self._ps:
+            if t.param.grad is not None: t.param.grad.index_fill_(t.dim, t.index(), 0.)
 
     def write_back(self):
         "Set the guarded rows to 0 (or their kept values): run by the optimizer's step itself, and at the end of the fit"
         if self._ps is None or self.learn is None: return
         with torch.no_grad():
             if self.mode=='zero':
-                for p,i in self._ps: p.index_fill_(0, i, 0.)
+                for t in self._ps: t.param.index_fill_(t.dim, t.index(), 0.)
             else:
-                for (p,i),v in zip(self._ps, self._saved): p.index_copy_(0, i, v)
+                for t,v in zip(self._ps, self._saved): t.param.index_copy_(t.dim, t.index(), v)
 
     def after_fit(self):
         self.write_back()
@@ -179,7 +202,7 @@ class PadGuard(Callback):
     def _unbatch(self):
         if isinstance(self.learn.__dict__.get('_do_one_batch'), FusedBatch): del self.learn._do_one_batch
 
-    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None, '_wd': None, 'fusion': None}
+    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None, '_for': None, '_wd': None, 'fusion': None}
 
     def _fused_line(self, g)->str:
         "Whether the training logits are computed in chunks inside the loss, and why not"
@@ -195,8 +218,10 @@ class PadGuard(Callback):
     def __repr__(self):
         s = f"PadGuard(mode={self.mode!r}" + (f", emb={self.emb!r}" if self.emb is not None else '') + (f", out={self.out!r}" if self.out is not None else '')
         if self.learn is None: return s + f", pad_idx={self.pad_idx}, extra_idxs={self.extra_idxs!r})"
-        try: g = self.resolve(check_loss=False)
-        except Exception as e: return s + f")\n  nothing guarded: {e}"
+        g = self.resolution
+        if not self._is_current(g):  # printing runs no model: the rows are found at the first training batch of a fit
+            return s + (f", pad_idx={self.pad_idx}, extra_idxs={self.extra_idxs!r})\n  rows not found yet: at the first training batch "
+                        "of the next fit (learn.pad_guard.current_resolution() finds them now)")
         s += f", pad_idx={g.pad_idx}) " + ('found from one batch' if g.evidence else 'found by names and sizes (no batch)')
         s += ''.join(f"\n  {t!r}" for t in g.targets)
         lf = self.learn.loss_func

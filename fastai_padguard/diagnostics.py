@@ -11,6 +11,7 @@ from fastai.text.data import LMDataLoader
 from fastprogress.fastprogress import progress_bar
 from .rows import *
 from .core import PadGuard
+from .train_rows import row_trainer
 
 # %% auto #0
 __all__ = ['PadAudit', 'pad_audit', 'PadMonitor', 'RowAudit', 'row_audit', 'init_untrained_rows']
@@ -153,8 +154,8 @@ def row_audit(learn:Learner, # A learner with a text model
              )->RowAudit:
     "Rows of the token tables and output layer that look untrained, and rows whose ids the data never holds"
     guard = getattr(learn, 'pad_guard', None)
-    g = guard.resolve(check_loss=False) if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), learn=learn)
-    ts = [t for t in g.targets if t.param.dim()==2 and not t.how.startswith('PEFT')]
+    g = guard.current_resolution() if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), learn=learn)
+    ts = [t for t in g.targets if t.param.dim()==2 and t.dim==0 and not t.how.startswith('PEFT')]
     n = max(t.param.shape[0] for t in ts)
     counts = torch.zeros(n, dtype=torch.long)
     def add(x):
@@ -167,8 +168,10 @@ def row_audit(learn:Learner, # A learner with a text model
         map_ids(tuple(b), add)
     scanned = max_batches != 0
     untrained, unused, guarded, params = {}, {}, {}, {}
+    rt = row_trainer(learn)
     for t in ts:
-        w = t.param.detach()
+        rp = rt.trained.of(t.param) if rt is not None else None
+        w = t.param.detach() if rp is None else rp.merged(rt.trained.rows)  # what the model uses while rows train
         small = (w.abs().amax(1) <= threshold).nonzero().flatten().tolist()
         untrained[t.names] = [r for r in small if r not in t.rows]
         unused[t.names] = [r for r in (counts[:w.shape[0]]==0).nonzero().flatten().tolist() if r not in t.rows] if scanned else []
@@ -181,14 +184,19 @@ def init_untrained_rows(learn:Learner, # A learner with a text model
                        )->dict:
     "Set each untrained row to the mean of its table's trained rows, as Unsloth's `fix_untrained_tokens` does; returns `{names: rows set}`"
     audit = audit or row_audit(learn, max_batches=0)
-    done = {}
+    done, rt = {}, row_trainer(learn)
     with torch.no_grad():
         for n,rows in audit.untrained.items():
             if not rows: continue
             p = audit.params[n]
+            rp = rt.trained.of(p) if rt is not None else None
+            chosen = rt.trained.rows if rp is not None else ()  # rows that train live in their own parameter: set them there
+            w = p.detach() if rp is None else rp.merged(chosen)
             left = set(rows) | set(audit.guarded[n])
             trained = [i for i in range(p.shape[0]) if i not in left]
             if not trained: raise ValueError(f"'{n}': every row looks untrained (largest |value| <= {audit.threshold}), so there is no mean to start from")
-            p[rows] = p[trained].mean(0).to(p.dtype)
+            mean = w[trained].mean(0).to(p.dtype)
+            if [r for r in rows if r not in chosen]: p[[r for r in rows if r not in chosen]] = mean
+            if [r for r in rows if r in chosen]: rp.values[[chosen.index(r) for r in rows if r in chosen]] = mean.to(rp.values.dtype)
             done[n] = rows
     return done

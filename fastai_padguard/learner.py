@@ -12,7 +12,7 @@ from .losses import *
 import warnings
 
 # %% auto #0
-__all__ = ['padguard']
+__all__ = ['padguard', 'unchanged_on_error']
 
 # %% ../nbs/03_learner.ipynb #c004
 @patch
@@ -39,12 +39,26 @@ def padguard(self:Learner,
     self.add_cb(cb)
     if new_loss is not self.loss_func or new_loss is owned: cb.pad_loss = new_loss  # its rows follow the guard's at every fit
     self.loss_func, cb.loss_note = new_loss, note
+    cb.keep(g)  # the decision, read until the first training batch of a fit finds it again
     for n in g.notes + ([note] if note else []): warnings.warn(n, stacklevel=2)
     return self
 
 padguard = Learner.padguard
 
 # %% ../nbs/03_learner.ipynb #c005
+@contextmanager
+def unchanged_on_error(learn:Learner, # The learner a call may refuse to change
+                      ):
+    "Put the learner's callbacks and loss back as they were when the block raises: a refused call changes nothing"
+    cbs, lf, pl = list(learn.cbs), learn.loss_func, {c: getattr(c, 'pad_loss', None) for c in learn.cbs if isinstance(c, PadGuard)}
+    try: yield
+    except BaseException:
+        learn.remove_cbs([c for c in learn.cbs if c not in cbs])
+        learn.add_cbs([c for c in cbs if c not in learn.cbs])
+        learn.loss_func = lf
+        for c,v in pl.items(): c.pad_loss = v
+        raise
+
 def _new_loss(lf, loss, g, owned):
     "The loss `padguard` leaves on the learner (a new one when it swaps), and a note when it could not swap one in"
     if loss is False: return lf, None

@@ -26,8 +26,12 @@ class Target:
         param:Tensor, # The parameter
         rows:tuple, # Its guarded rows, sorted
         how:str, # How it was found: by the batch's evidence, by name and size, or named with `emb=`/`out=`
+        dim:int=0, # The axis the token ids index: 0 for a table, 1 for a LoRA `lora_embedding_A` (looked up through its transpose)
     ): store_attr()
-    def __repr__(self): return f"{self.names}: rows {list(self.rows)} ({self.how})"
+    def index(self)->Tensor:
+        "The rows as a long tensor on the parameter's device (made once per device)"
+        return rows_on(self.rows, self.param.device)
+    def __repr__(self): return f"{self.names}: {'columns' if self.dim else 'rows'} {list(self.rows)} ({self.how})"
 
 class Guarded:
     "What `find_guarded` found: a `Target` per parameter, `pad_idx`, the loss's `loss_rows` (`None`: no output layer writes the vocab), `notes`, `evidence`, `head`"
@@ -79,7 +83,8 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
         except NoEvidence as e: notes.append(f"found by names and sizes: {e}")
     # the token tables `[(parameter, how)]` and the output layers `[(parameter, how, bias)]`
     if emb is not None: tables = [(e.weight, 'named with emb=') for e in _named(model, emb, names, 'emb')]
-    elif ev is not None: tables = [(w, "indexed by the batch's token ids") for w in ev.tables]
+    elif ev is not None: tables = [(w, "indexed by the batch's token ids" if id(w) not in ev.dims else
+                                    "its columns indexed by the batch's token ids (a LoRA embedding's A)") for w in ev.tables]
     else: tables = [(e.weight, 'by name and size (no batch)') for e in _rule_embs(model, names, vocabs, pads, hfs, pad_idx)]
     if not tables: raise ValueError(f"The batch's token ids index no parameter of {type(model).__name__}: can't tell which table holds the tokens. "
                                     "Name it: learn.padguard(emb='the.embedding') or PadGuard(emb=...)")
@@ -94,13 +99,14 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     else: outs = [(o.weight, 'by name (no batch)', getattr(o, 'bias', None)) for o in _rule_outs(model, tws, hfs)]
     pnames = _param_names(model)
     def rows_of(p, is_out):
-        if vocabs: return _match(' = '.join(pnames.get(id(p), ['?'])), p.shape[0], vocabs, pads, vrows, prefer_last=is_out)
+        n = p.shape[ev.dims.get(id(p), 0) if ev is not None else 0]
+        if vocabs: return _match(' = '.join(pnames.get(id(p), ['?'])), n, vocabs, pads, vrows, prefer_last=is_out)
         pad = _model_pad(pad_idx, _owner(hfs, p), model, p)
         return pad, _rows(pad, extra, None)
     targets = {}
     for p,how,bias,is_out in [(w,h,None,False) for w,h in tables] + [(w,h,b,True) for w,h,b in outs]:
         pad,rows = rows_of(p, is_out)
-        for t in _targets(model, p, rows, how, pnames, names, pad, bias):
+        for t in _targets(model, p, rows, how, pnames, names, pad, bias, ev.dims.get(id(p), 0) if ev is not None else 0):
             targets.setdefault(id(t.param), t)
     louts = {rows_of(p, True) for p,_,_ in outs}
     lpad,lrows = next(iter(louts)) if len(louts)==1 else (rows_of(tables[0][0], False)[0], None)
@@ -248,6 +254,10 @@ def _hf_notes(hf, pad)->list:
 def _arg(args, kwargs, i, name):
     return args[i] if len(args) > i else kwargs.get(name)
 
+def _transposed(w)->bool:
+    "Whether `w` is a parameter's transpose (PEFT's LoRA embedding looks up `lora_embedding_A.T`: the ids index A's columns)"
+    return not isinstance(w, nn.Parameter) and isinstance(getattr(w, '_base', None), nn.Parameter) and w.shape == w._base.shape[::-1]
+
 def _param_of(w, mod):
     "The parameter behind a weight used in a forward: itself, the base of a transposed view, or a PEFT trainable-tokens layer's base weight"
     if isinstance(w, nn.Parameter): return w
@@ -356,8 +366,8 @@ def _scored(out, learn):
     return p if isinstance(p, Tensor) else None
 
 def _same(a:Tensor, b:Tensor)->bool:
-    "Whether `b` is `a` or a view of the same values"
-    return a is b or a.numel()==b.numel() and a.untyped_storage().data_ptr()==b.untyped_storage().data_ptr() and a.storage_offset()==b.storage_offset()
+    "Whether `b` is `a` or any view of it (a slice, a reshape, a broadcast `expand`): the same storage"
+    return a is b or b.numel() > 0 and a.untyped_storage().data_ptr()==b.untyped_storage().data_ptr()
 
 class NoEvidence(Exception):
     "The batch could not tell: the model failed on it, or its token ids could not be changed"
@@ -371,7 +381,10 @@ class Evidence:
         n_scored:int|None, # The number of columns of what the loss scores (`None` when it is not a tensor)
         notes:list, # What the user should know about how it was read
         lookups:dict|None=None, # `{id(table): [modules that looked it up]}`
-    ): store_attr()
+        dims:dict|None=None, # `{id(table): 1}` for a table whose columns the ids index (looked up through its transpose)
+    ):
+        store_attr()
+        self.dims = dims or {}
 
     @classmethod
     def of(cls,
@@ -400,7 +413,7 @@ class Evidence:
                 scored = _scored(out, learn)
                 b,_ = _forward(model, shifted)
             except Exception as e: raise NoEvidence(f"the model failed on a batch ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
-        tables, notes = [], []
+        tables, notes, dims = [], [], {}
         def by_w(calls):
             d = {}
             for w,ids,m in calls: d.setdefault(id(w), (w, m, []))[2].append(ids)
@@ -415,6 +428,7 @@ class Evidence:
                 raise ValueError(f"The token ids index a weight that {type(m).__name__ if m is not None else 'the model'} computes at every forward, not a "
                                  "parameter: PadGuard can't keep rows of it. Name the parameter it is computed from: learn.padguard(emb='the.embedding')")
             if all(p is not q for q in tables): tables.append(p)
+            if _transposed(w): dims[id(p)] = 1
         mods = {}  # every module that looked up a token table, by the table: what `train_rows` hooks
         for w,_,m in a.lookups:
             p = _param_of(w, m)
@@ -435,7 +449,7 @@ class Evidence:
                 if all(p is not q for q,_ in outs): outs.append((p, (how, bias if isinstance(bias, nn.Parameter) else None, m)))
         y = yb[0] if isinstance(yb, (list, tuple)) and len(yb) else None
         per_token = (_is_ids(y) or isinstance(y, Tensor) and y.dim()>=2 and not y.is_floating_point()) if y is not None else (scored is not None and scored.dim()>=3)
-        return cls(tables, outs, per_token, None if scored is None else scored.shape[-1], notes, mods)
+        return cls(tables, outs, per_token, None if scored is None else scored.shape[-1], notes, mods, dims)
 
 def _describe(x)->str:
     "Shapes and dtypes of the tensors in `x`, for error messages"
@@ -542,13 +556,13 @@ def _param_names(model:nn.Module)->dict:
     for n,p in model.named_parameters(remove_duplicate=False): res.setdefault(id(p), []).append(n)
     return res
 
-def _targets(model, p, rows, how, pnames, names, pad, bias=None)->list:
-    "The `Target`s for table or output weight `p`: itself, its `bias`, and the PEFT trainable-tokens rows that stand in for its rows"
+def _targets(model, p, rows, how, pnames, names, pad, bias=None, dim=0)->list:
+    "The `Target`s for table or output weight `p` (its `dim` indexed by token ids): itself, its `bias`, and the PEFT trainable-tokens rows that stand in for its rows"
     name = ' = '.join(pnames.get(id(p), ['?']))
-    _check_rows(name, p.shape[0], rows)
+    _check_rows(name, p.shape[dim], rows)
     for e in model.modules():
         if isinstance(e, EMB_TYPES) and e.weight is p: _check_emb(names[e], e, pad, rows)
-    res = [Target(name, p, rows, how)]
+    res = [Target(name, p, rows, how, dim)]
     if isinstance(bias, nn.Parameter): res.append(Target(' = '.join(pnames.get(id(bias), ['?'])), bias, rows, f'the bias of a layer that {how}'))
     for m in model.modules():
         if hasattr(m, 'trainable_tokens_delta') and getattr(getattr(m, 'base_layer', None), 'weight', None) is p:

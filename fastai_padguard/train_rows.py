@@ -10,10 +10,10 @@ from fastai.basics import *
 from fastai.text.models.awdlstm import EmbeddingDropout, dropout_mask
 from .rows import Guarded, rows_on, check_idx, text_vocabs
 from .core import PadGuard
-from .learner import padguard
+from .learner import padguard, unchanged_on_error
 
 # %% auto #0
-__all__ = ['train_rows', 'TrainedRows', 'RowTrainer', 'new_rows', 'added_rows']
+__all__ = ['train_rows', 'RowParam', 'TrainedRows', 'RowTrainer', 'new_rows', 'added_rows', 'row_trainer']
 
 # %% ../nbs/04a_train_rows.ipynb #c005
 class _Slots:
@@ -62,20 +62,64 @@ class _HeadHook:
         return out.index_copy_(-1, rows_on(self.rows, out.device), vals.to(out.dtype))
 
 # %% ../nbs/04a_train_rows.ipynb #c006
+class RowParam:
+    "One frozen parameter while rows train: its `names`, the `param`, the `values` parameter holding its chosen rows, registered as `attr` on `owner`"
+    def __init__(self,
+        names:str, # The frozen parameter's names in the model, tied names joined by ' = '
+        param:Tensor, # The frozen parameter (a token table, an untied output layer, or its bias)
+        values:nn.Parameter, # The chosen rows of it, the parameter that trains
+        owner:nn.Module, # The module `values` is registered on (the one holding `param`)
+        attr:str, # The name `values` has there: `<param's attribute>_trained_rows`
+    ): store_attr()
+
+    def merged(self, rows:tuple)->Tensor:
+        "`param` as the model uses it: the chosen `rows` taken from `values` (a new tensor)"
+        w = self.param.detach().clone()
+        w.index_copy_(0, rows_on(rows, w.device), self.values.detach().to(w.dtype))
+        return w
+
 class TrainedRows:
-    "What trains: the chosen `rows`; per frozen parameter its `names`, the `param`, the `values` parameter holding its rows"
+    "What trains: the chosen `rows`, a `RowParam` per frozen parameter, and the hooks that put the rows in place"
     def __init__(self,
         rows:tuple, # The chosen row indices, sorted
-        params:list, # `[(names, frozen parameter, values parameter, owner module, attribute name)]`
-        hooks:list, # The forward hooks' handles
+        params:list, # A `RowParam` per frozen parameter
+        hooks:list, # The handles of the forward and state-dict hooks
         forwards:list, # The modules whose `forward` was replaced
     ): store_attr()
+    def of(self, p:Tensor)->RowParam|None:
+        "The `RowParam` of frozen parameter `p`, or `None`"
+        return next((rp for rp in self.params if rp.param is p), None)
     def undo(self):
-        "Take the hooks, forwards and rows' parameters off the model"
+        "Take the hooks, forwards and rows' parameters off the model: `_install` in reverse"
         for h in self.hooks: h.remove()
         for m in self.forwards: m.__dict__.pop('forward', None)
-        for _,_,_,o,k in self.params: o._parameters.pop(k, None)
-    def __repr__(self): return f"rows {list(self.rows)} of " + ', '.join(n for n,*_ in self.params)
+        for rp in self.params: rp.owner._parameters.pop(rp.attr, None)
+    def __repr__(self): return f"rows {list(self.rows)} of " + ', '.join(rp.names for rp in self.params)
+
+class _SaveMerged:
+    "A state-dict hook: under the frozen parameter's own name, the table as the model uses it; the rows' parameter left out"
+    def __init__(self, rows, rp, key): self.rows,self.rp,self.key = rows,rp,key
+    def __call__(self, module, sd, prefix, local_metadata):
+        if prefix + self.key in sd: sd[prefix + self.key] = self.rp.merged(self.rows)
+        if module is self.rp.owner: sd.pop(prefix + self.rp.attr, None)
+        return sd
+
+class _LoadRows:
+    "A load pre-hook: a checkpoint saved without the rows' parameter gives it its rows from the table"
+    def __init__(self, rows, rp, key): self.rows,self.rp,self.key = rows,rp,key
+    def __call__(self, sd, prefix, *args):
+        k, kv = prefix + self.key, prefix + self.rp.attr
+        if kv not in sd and k in sd: sd[kv] = sd[k][list(self.rows)]
+
+def _state_hooks(model, rows, rp)->list:
+    "Hooks so that `state_dict()` (`learn.save`, `save_pretrained`) holds each table with its trained rows, as plain fastai saves it"
+    res = []
+    for m in model.modules():
+        for k,q in m._parameters.items():
+            if q is not rp.param: continue
+            res.append(m._register_state_dict_hook(_SaveMerged(rows, rp, k)))
+            if m is rp.owner: res.append(m._register_load_state_dict_pre_hook(_LoadRows(rows, rp, k)))
+    return res
 
 def _owner(model, p):
     "The module that holds parameter `p` directly, and its attribute name"
@@ -84,19 +128,19 @@ def _owner(model, p):
             if q is p: return m, k
     raise ValueError("parameter not found in the model")
 
-def _install(model:nn.Module, g:Guarded, rows:tuple)->TrainedRows:
-    "Give each token table, the output layer and its bias a parameter holding their chosen `rows`, and hook it in"
+def _check_install(model, g, rows):
+    "Every reason `_install` can't train `rows` of this model, raised before anything changes: `(tables, outs, bias)` `Target`s"
     names = {m:n for n,m in model.named_modules()}
-    tables = [t for t in g.targets if id(t.param) in g.lookups]
+    tables = [t for t in g.targets if id(t.param) in g.lookups and t.dim == 0]
     if not tables: raise ValueError("train_rows needs to see the model look up its token table in a batch (the guard found it by names): "
                                     "check that learn.dls gives batches the model runs on")
     head = g.head
-    outs = [t for t in g.targets if t.param.dim()==2 and id(t.param) not in g.lookups]
+    outs = [t for t in g.targets if t.param.dim()==2 and id(t.param) not in g.lookups and t.dim == 0 and not t.how.startswith('PEFT')]
     bias = [t for t in g.targets if t.param.dim()==1]
     if (outs or bias) and (head is None or type(head).forward is not nn.Linear.forward):
         raise ValueError(f"train_rows keeps the chosen rows of an output layer in place with a hook on an nn.Linear; this model's output layer "
                          f"({type(head).__name__ if head is not None else 'not one layer'}) is not one")
-    for t in tables + outs + bias:  # every check before anything changes
+    for t in tables + outs + bias:
         if rows[-1] >= t.param.shape[0]: raise ValueError(f"Row {rows[-1]} is out of range for '{t.names}' with {t.param.shape[0]} rows")
     for t in tables:
         for m in g.lookups[id(t.param)]:
@@ -104,23 +148,29 @@ def _install(model:nn.Module, g:Guarded, rows:tuple)->TrainedRows:
                     and type(m).forward is nn.Embedding.forward):
                 raise ValueError(f"train_rows puts the chosen rows in place where the table is looked up, in an nn.Embedding or fastai's "
                                  f"EmbeddingDropout; '{names.get(m, '?')}' ({type(m).__name__}) looks it up otherwise")
-    params, hooks, forwards, vals = [], [], [], {}
+    return tables, outs, bias
+
+def _install(model:nn.Module, g:Guarded, rows:tuple)->TrainedRows:
+    "Give each token table, the output layer and its bias a parameter holding their chosen `rows`, and hook it in"
+    tables, outs, bias = _check_install(model, g, rows)
+    params, hooks, forwards = [], [], []
     for t in tables + outs + bias:
         owner, attr = _owner(model, t.param)
-        v = nn.Parameter(t.param.detach()[list(rows)].clone())
-        name = f'{attr}_trained_rows'
-        owner.register_parameter(name, v)
-        params.append((t.names, t.param, v, owner, name))
-        vals[id(t.param)] = v
+        rp = RowParam(t.names, t.param, nn.Parameter(t.param.detach()[list(rows)].clone()), owner, f'{attr}_trained_rows')
+        owner.register_parameter(rp.attr, rp.values)
+        params.append(rp)
+        hooks += _state_hooks(model, rows, rp)
+    tr = TrainedRows(rows, params, hooks, forwards)
     for t in tables:
-        slots = _Slots(rows, t.param.shape[0])
+        slots, vals = _Slots(rows, t.param.shape[0]), tr.of(t.param).values
         for m in g.lookups[id(t.param)]:
-            if isinstance(m, EmbeddingDropout): m.forward = _RowsEmbeddingDropout(m, slots, vals[id(t.param)]); forwards.append(m)
-            else: hooks.append(m.register_forward_hook(_LookupHook(slots, vals[id(t.param)])))
-    if head is not None and id(head.weight) in vals:
-        b = head.bias
-        hooks.append(head.register_forward_hook(_HeadHook(rows, vals[id(head.weight)], vals.get(id(b)) if b is not None else None)))
-    return TrainedRows(rows, params, hooks, forwards)
+            if isinstance(m, EmbeddingDropout): m.forward = _RowsEmbeddingDropout(m, slots, vals); forwards.append(m)
+            else: hooks.append(m.register_forward_hook(_LookupHook(slots, vals)))
+    head = g.head
+    if head is not None and tr.of(head.weight) is not None:
+        b = None if head.bias is None or tr.of(head.bias) is None else tr.of(head.bias).values
+        hooks.append(head.register_forward_hook(_HeadHook(rows, tr.of(head.weight).values, b)))
+    return tr
 
 # %% ../nbs/04a_train_rows.ipynb #c007
 class RowTrainer(Callback):
@@ -134,7 +184,8 @@ class RowTrainer(Callback):
         "Keep the tables frozen (fastai's `freeze_to`/`unfreeze` set `requires_grad` on whole groups) and the chosen rows training"
         opt = getattr(self.learn, 'opt', None)
         in_opt = set() if opt is None else {id(q) for q,*_ in opt.all_params()}
-        for _,p,v,_,_ in self.trained.params:
+        for rp in self.trained.params:
+            p, v = rp.param, rp.values
             p.requires_grad_(False); p.grad = None  # no gradient: no optimizer step, momentum or weight decay can touch it
             v.requires_grad_(True)
             if id(v) in in_opt:
@@ -144,9 +195,9 @@ class RowTrainer(Callback):
     def lift(self):
         "Write the trained rows into their tables, take the hooks off, and train the tables whole again"
         with torch.no_grad():
-            for _,p,v,_,_ in self.trained.params: p.index_copy_(0, rows_on(self.trained.rows, p.device), v.detach().to(p.dtype))
+            for rp in self.trained.params: rp.param.copy_(rp.merged(self.trained.rows))
         self.trained.undo()
-        for _,p,*_ in self.trained.params: p.requires_grad_(True)
+        for rp in self.trained.params: rp.param.requires_grad_(True)
         self.learn.opt = None  # the next fit builds an optimizer over the tables again
         self.learn.remove_cb(self)
 
@@ -179,15 +230,22 @@ def train_rows(self:Learner,
         raise ValueError(f"rows={rows!r}: pass the row indices to train (e.g. new_rows(dls.vocab, 'vocab.pkl') or added_rows(tokenizer)), or None")
     rows = tuple(sorted({check_idx(r, 'rows item') for r in rows}))
     if old: raise ValueError(f"This learner already trains rows {list(old[0].trained.rows)}: lift them with learn.train_rows(None) first")
-    if not any(isinstance(c, PadGuard) for c in self.cbs): self.padguard()
-    g = self.pad_guard.resolve()
-    guarded = sorted({r for t in g.targets for r in t.rows} & set(rows))
-    if guarded: raise ValueError(f"Rows {guarded} are guarded (the pad, or 'xxfake' rows): PadGuard keeps them {self.pad_guard.mode}; leave them out of rows")
-    tr = _install(self.model, g, rows)
+    with unchanged_on_error(self):  # a refused call leaves no guard added and no loss swapped
+        if not any(isinstance(c, PadGuard) for c in self.cbs): self.padguard()
+        g = self.pad_guard.current_resolution()
+        guarded = sorted({r for t in g.targets for r in t.rows} & set(rows))
+        if guarded: raise ValueError(f"Rows {guarded} are guarded (the pad, or 'xxfake' rows): PadGuard keeps them {self.pad_guard.mode}; "
+                                     "leave them out of rows")
+        tr = _install(self.model, g, rows)
     self.opt = None  # the next fit builds an optimizer with the rows' parameters, and without the frozen tables
     cb = RowTrainer(tr)
     self.add_cb(cb)
     cb.before_fit()
     return self
+
+def row_trainer(learn:Learner, # A learner
+               )->RowTrainer|None:
+    "The learner's `RowTrainer` while chosen rows train, else `None`"
+    return next((c for c in learn.cbs if isinstance(c, RowTrainer)), None)
 
 train_rows = Learner.train_rows

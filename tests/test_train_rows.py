@@ -18,9 +18,9 @@ def effective(learn):
     tr = rt[0].trained
     res = {n: p.detach().clone() for n,p in learn.model.named_parameters() if 'trained_rows' not in n}
     names = {id(p): n for n,p in learn.model.named_parameters(remove_duplicate=False)}
-    for _,p,v,_,_ in tr.params:
+    for rp in tr.params:
         for n,q in learn.model.named_parameters(remove_duplicate=False):
-            if q is p and n in res: res[n][list(tr.rows)] = v.detach()
+            if q is rp.param and n in res: res[n][list(tr.rows)] = rp.values.detach()
     return res
 
 def check_only_rows_moved(before, after, rows, frozen, pad_rows=()):
@@ -187,15 +187,15 @@ def test_lookups_and_logits_use_the_trained_rows(kind, lm):
         learn = quiet(Learner(ids_dls(n, pad, lo=3), m, loss_func=CrossEntropyLossFlat(), cbs=HFLogits())).padguard()
         learn.train_rows([5, 6]); emb, head = m.transformer.wte, m.lm_head
     rt = learn.cbs.filter(lambda c: isinstance(c, RowTrainer))[0]
-    v = rt.trained.params[0][2]
+    v = rt.trained.params[0].values
     with torch.no_grad(): v.add_(1.)  # the rows now differ from the table's
     learn.model.eval()
     with torch.no_grad():
         out = emb(torch.tensor([[5, 6, 7]]))
-        assert torch.equal(out[0, :2], v) and torch.equal(out[0, 2], rt.trained.params[0][1][7])
+        assert torch.equal(out[0, :2], v) and torch.equal(out[0, 2], rt.trained.params[0].param[7])
         h = torch.randn(3, v.shape[1])
         logits = head(h)
-        assert torch.allclose(logits[:, [5, 6]], F.linear(h, v, None if head.bias is None else rt.trained.params[-1][2]), atol=1e-6)
+        assert torch.allclose(logits[:, [5, 6]], F.linear(h, v, None if head.bias is None else rt.trained.params[-1].values), atol=1e-6)
 
 @pytest.mark.parametrize('opt', ['Lamb', 'ranger', 'SGD-mom', 'RAdam'])
 def test_every_optimizer_accumulation_checkpoints(tmp_path, opt):
