@@ -75,6 +75,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
                          "Hugging Face model, and no embedding built with padding_idx, so there is no pad row to guard (a vision, tabular or "
                          "feature model has none). For a text model built otherwise, name the pad row and the token table yourself: "
                          "learn.padguard(pad_idx=0, emb='the.embedding')")
+    if extra == 'fake' and not vocabs: _no_pad_token(vocab)
     pads = [vocab_pad(v, pad_idx) for v in vocabs]
     vrows = [_rows(p, extra, v) for p,v in zip(pads, vocabs)]
     ev, notes = None, []
@@ -166,6 +167,15 @@ def text_vocabs(vocab, # fastai's `dls.vocab`, or anything else
         vs = [list(v) for v in vocab]
     except Exception: return []  # not a fastai vocab (a tokenizer's dict, say)
     return [v for v in vs if PAD in v]
+
+def _no_pad_token(vocab):
+    "Raise when `vocab` has 'xxfake' rows but no 'xxpad' (renamed): `extra_idxs='fake'` could not find them, so nothing would guard them"
+    try: vs = [list(vocab)] if len(vocab) and isinstance(vocab[0], str) else [list(v) for v in vocab]
+    except Exception: return
+    fake = next(([i for i,t in enumerate(v) if t==FAKE] for v in vs if FAKE in v), None)
+    if fake: raise ValueError(f"The vocab has 'xxfake' rows {fake} but no '{PAD}' token (was it renamed?), so extra_idxs='fake' can't be "
+                              f"read from it and those rows would go unguarded. Name them and the pad: learn.padguard(pad_idx=..., "
+                              f"extra_idxs={fake}), or keep fastai's '{PAD}' in the vocab")
 
 def learn_vocab(learn, # A `Learner`
                ):

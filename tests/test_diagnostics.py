@@ -4,6 +4,7 @@ from fastai.text.all import *
 from fastai_padguard.all import *
 from conftest import RecordOps, SYNC_OPS
 from fastai_padguard.data import *
+from fastai_padguard.train_rows import RowTrainer
 
 def test_lm_audit_matches_independent_counts(lm_dls):
     audit = pad_audit(lm_dls)
@@ -125,3 +126,25 @@ def test_init_untrained_rows_refuses_an_all_untrained_table(lm_dls):
     learn.padguard(loss=False)
     with torch.no_grad(): learn.model[0].weight.zero_()
     with pytest.raises(ValueError, match='every row looks untrained'): init_untrained_rows(learn)
+
+def test_audit_and_init_read_what_the_model_uses_while_rows_train(lm):
+    "While rows train, their values live in their own parameter: the audit reads them there, and init writes them there"
+    learn = lm(wd=0.1).padguard()
+    w = learn.model[0].encoder.weight
+    with torch.no_grad(): w[[20, 21, 12]] = 0   # 20, 21: new tokens about to train; 12: an untrained row that stays frozen
+    learn.train_rows([20, 21])
+    assert row_audit(learn, max_batches=0).untrained['0.encoder.weight = 0.encoder_dp.emb.weight = 1.decoder.weight'] == [12, 20, 21]
+    learn.fit(1, 1e-2)
+    name = '0.encoder.weight = 0.encoder_dp.emb.weight = 1.decoder.weight'
+    assert row_audit(learn, max_batches=0).untrained[name] == [12], "the trained rows are not untrained, though the table's copy is 0"
+    rt = learn.cbs.filter(lambda c: isinstance(c, RowTrainer))[0]
+    vals = rt.trained.of(w).values
+    with torch.no_grad(): vals[1] = 0   # row 21 as the model uses it: untrained again
+    done = init_untrained_rows(learn)
+    assert done == {name: [12, 21]}
+    used = learn.model.state_dict()['0.encoder.weight']
+    trained = [i for i in range(32) if i not in (1, 12, 21, 29, 30, 31)]
+    assert torch.equal(used[12], used[21]) and torch.allclose(used[21], used[trained].mean(0), atol=1e-7)
+    learn.model.eval()
+    with torch.no_grad():  # the lookup (fastai's EmbeddingDropout) reads the new value
+        assert torch.equal(learn.model[0].encoder_dp(torch.tensor([[21]]))[0, 0], used[21])

@@ -214,3 +214,64 @@ def test_unseen_output_layer_is_an_error_naming_out(lm_dls):
     before = params_of(learn.model)
     learn.fit(1, 1e-2)
     check_trained(learn, before, learn.pad_guard.guarded)
+
+def test_lora_on_the_token_embedding_guarded():
+    "LoRA on the token table (target_modules=['wte']): peft looks up A's transpose, so A's pad column is guarded; the pad's effective row is 0"
+    peft = pytest.importorskip('peft')
+    pm = peft.get_peft_model(gpt2(True), peft.LoraConfig(target_modules=['c_attn', 'wte'], r=4))
+    class Wrap(nn.Module):
+        def __init__(self, m): super().__init__(); self.m = m
+        def forward(self, x): return self.m(input_ids=x).logits
+    emb = pm.get_input_embeddings()
+    A = emb.lora_embedding_A['default']
+    with torch.no_grad(): A.normal_()  # peft starts A at 0; a trained adapter's pad column is not
+    learn = quiet(Learner(ids_dls(50, 50), Wrap(pm), loss_func=CrossEntropyLossFlat(), wd=0.1).padguard())
+    g = learn.pad_guard.current_resolution()
+    cols = [t for t in g.targets if t.param is A]
+    assert len(cols) == 1 and cols[0].dim == 1 and cols[0].rows == (50,) and 'columns' in repr(cols[0])
+    learn.fit(1, 1e-2)
+    assert torch.equal(A.detach()[:, 50], torch.zeros(4)) and (A.detach()[:, :50] != 0).all()
+    with torch.no_grad(): assert torch.equal(emb(torch.tensor([[50]])), torch.zeros(1, 1, 16)), "the pad's effective embedding is 0"
+
+class ExpandHead(nn.Module):
+    "An LM that scores one position's logits broadcast over the batch: what the loss scores is an `expand` of the head's result"
+    def __init__(self, n=32, d=8): super().__init__(); self.emb, self.head = nn.Embedding(n, d, padding_idx=1), nn.Linear(d, n)
+    def forward(self, x): return self.head(self.emb(x)[:1]).expand(x.shape[0], -1, -1)
+
+def test_a_broadcast_view_of_the_head_is_found(lm_dls):
+    "Logits that are `.expand` of the output layer's result (more elements than it wrote) are still that layer's"
+    learn = Learner(lm_dls, ExpandHead(), loss_func=CrossEntropyLossFlat())
+    learn.padguard()
+    g = learn.pad_guard.current_resolution()
+    assert g.rows == {'emb.weight': (1, 29, 30, 31), 'head.weight': (1, 29, 30, 31), 'head.bias': (1, 29, 30, 31)}
+    assert 'writes the logits the loss scores' in repr(g)
+
+def test_a_renamed_pad_token_keeps_the_fake_rows_guarded_or_says_how(lm_dls):
+    "'xxpad' renamed in the vocab: extra_idxs='fake' can't read the 'xxfake' rows, so it's an error naming them; named, they are guarded"
+    dls = protein_lm_dls(n=300, bs=16, seq_len=16)
+    dls.vocab[1] = '<pad>'
+    set_seed(0)
+    learn = quiet(language_model_learner(dls, AWD_LSTM, config=small_lm_config(), pretrained=False))
+    lf = learn.loss_func
+    with pytest.raises(ValueError, match=r"'xxfake' rows \[29, 30, 31\] but no 'xxpad'.*extra_idxs=\[29, 30, 31\]"): learn.padguard()
+    assert learn.loss_func is lf and not any(isinstance(c, PadGuard) for c in learn.cbs)
+    learn.padguard(extra_idxs=[29, 30, 31])
+    assert learn.loss_func.rows == (1, 29, 30, 31)
+
+def test_printing_a_guarded_learner_runs_no_model(lm):
+    "repr of the guard (and of learn.cbs) reads the kept decision: no forward pass, before or after a fit"
+    learn = lm().padguard()
+    calls = []
+    h = learn.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        s = repr(learn.pad_guard) + repr(learn.cbs)
+        assert 'rows [1, 29, 30, 31]' in s and 'fused: on' in s and calls == []
+        learn.fit(1, 1e-2)
+        n = len(calls)
+        s = repr(learn.pad_guard) + repr(learn.cbs) + repr(learn.pad_guard.guarded)
+        assert 'rows [1, 29, 30, 31]' in s and len(calls) == n
+        manual = lm(cbs=PadGuard())
+        manual.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        n = len(calls)
+        assert 'rows not found yet' in repr(manual.pad_guard) and len(calls) == n
+    finally: h.remove()

@@ -214,3 +214,67 @@ def test_embedding_dropout_drops_the_chosen_rows_too(lm):
     ed = learn.model[0].encoder_dp; ed.embed_p = 1 - 1e-9  # every row dropped
     ed.train(); torch.manual_seed(0)
     assert (ed(torch.tensor([[5, 6, 7]])) == 0).all()
+
+def test_guard_and_train_rows_compose_in_either_order(lm):
+    "A row both guarded and trained is an error whichever comes first, and the refused call changes nothing"
+    learn = lm().padguard()
+    learn.train_rows([20, 21])
+    guard, lf, cbs = learn.pad_guard, learn.loss_func, list(learn.cbs)
+    with pytest.raises(ValueError, match=r'Rows \[20\] train \(learn.train_rows\)'): learn.padguard(extra_idxs=[20])
+    assert list(learn.cbs) == cbs and learn.pad_guard is guard and learn.loss_func is lf
+    learn.train_rows(None)
+    learn.padguard(extra_idxs=[20])
+    guard, lf, cbs = learn.pad_guard, learn.loss_func, list(learn.cbs)
+    with pytest.raises(ValueError, match=r'Rows \[20\] are guarded'): learn.train_rows([20, 21])
+    assert list(learn.cbs) == cbs and learn.pad_guard is guard and learn.loss_func is lf
+    assert not [n for n,_ in learn.model.named_parameters() if 'trained_rows' in n]
+
+@pytest.mark.parametrize('rows', [[1, 5], [40]], ids=['guarded', 'out-of-range'])
+def test_a_refused_train_rows_leaves_the_learner_as_it_was(lm, rows):
+    "On a learner without a guard: no PadGuard added, the loss not swapped, no parameter registered"
+    learn = lm()
+    cbs, lf, names = list(learn.cbs), learn.loss_func, [n for n,_ in learn.model.named_parameters()]
+    with pytest.raises(ValueError): learn.train_rows(rows)
+    assert list(learn.cbs) == cbs and learn.loss_func is lf and not hasattr(learn, 'pad_guard')
+    assert [n for n,_ in learn.model.named_parameters()] == names
+
+def test_the_bias_rows_keep_fastais_no_weight_decay(lm):
+    "fastai doesn't decay biases (wd_bn_bias=False): the bias's trained rows don't decay either; the table's rows do"
+    learn = lm(wd=0.5).padguard()
+    learn.train_rows([20, 21])
+    learn.fit(1, 1e-2)
+    tr = learn.cbs.filter(lambda c: isinstance(c, RowTrainer))[0].trained
+    bias, table = tr.of(learn.model[1].decoder.bias).values, tr.of(learn.model[0].encoder.weight).values
+    assert learn.opt.state[bias]['do_wd'] is False and learn.opt.state[table].get('do_wd', True) is True
+
+def test_a_checkpoint_taken_while_rows_train_loads_into_plain_fastai(lm, tmp_path):
+    "learn.save while rows train: a plain learner (no guard, no train_rows) loads it strictly, with the trained rows in its tables"
+    learn = lm(wd=0.1, path=tmp_path).padguard()
+    learn.train_rows([20, 21])
+    learn.fit(1, 1e-2)
+    used = effective(learn)
+    sd = learn.model.state_dict()
+    assert not [k for k in sd if 'trained_rows' in k]
+    assert torch.equal(sd['0.encoder.weight'], used['0.encoder.weight']) and torch.equal(sd['1.decoder.bias'], used['1.decoder.bias'])
+    learn.save('mid')
+    plain = lm(path=tmp_path)
+    plain.load('mid', with_opt=False)
+    for n in ('0.encoder.weight', '1.decoder.bias'): assert torch.equal(dict(plain.model.named_parameters())[n], used[n]), n
+    learn.fit(1, 1e-2)  # training on, then back to the checkpoint: the rows' own parameter is loaded from the tables
+    learn.load('mid')
+    assert torch.equal(effective(learn)['0.encoder.weight'], used['0.encoder.weight'])
+
+def test_save_pretrained_while_rows_train_holds_them(tmp_path):
+    "A Hugging Face model saved while its added rows train: from_pretrained, without this package, has the trained rows"
+    T = pytest.importorskip('transformers')
+    m, n, pad, rows = hf_resized('llama')
+    set_seed(0, reproducible=True)
+    learn = quiet(Learner(ids_dls(n, pad, lo=3), m, loss_func=CrossEntropyLossFlat(), cbs=HFLogits(), wd=0.1)).padguard()
+    learn.train_rows(rows)
+    learn.fit(1, 1e-2)
+    used = effective(learn)
+    m.save_pretrained(tmp_path/'hf')
+    m2 = T.LlamaForCausalLM.from_pretrained(tmp_path/'hf')
+    for k in ('model.embed_tokens.weight', 'lm_head.weight'):
+        assert torch.equal(dict(m2.named_parameters())[k], used[k]), k
+        assert not torch.equal(used[k][rows], learn.model.get_parameter(k)[rows]), "control: the table itself holds the untrained rows"
