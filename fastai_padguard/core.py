@@ -12,12 +12,57 @@ from .losses import PadCrossEntropyLossFlat
 from .fused import fused_head
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
+import random
+import numpy as np
 
 _CANCELS = (CancelBatchException, CancelStepException, CancelBackwardException, CancelTrainException, CancelValidException,
             CancelEpochException, CancelFitException)  # fastai's own ways to end part of a fit: its events still run
 
 # %% auto #0
-__all__ = ['GuardedStep', 'FusedBatch', 'pad_loss_rows', 'PadGuard']
+__all__ = ['learn_vocab', 'learner_batch', 'learner_scored', 'GuardedStep', 'FusedBatch', 'pad_loss_rows', 'PadGuard']
+
+# %% ../nbs/01_core.ipynb #c003b
+def learn_vocab(learn, # A `Learner`
+               ):
+    "`learn.dls.vocab`, or `None` when the data has none"
+    try: return getattr(learn.dls, 'vocab', None)
+    except Exception: return None
+
+def learner_batch(learn, # A `Learner`
+                 )->tuple|None:
+    "One `(xb, yb)` of the learner's data (validation first), drawn leaving every RNG and the loader as they were; `None` when there is none"
+    dls = getattr(learn, 'dls', None)
+    for dl in (getattr(dls, 'valid', None), getattr(dls, 'train', None)):
+        try:
+            if dl is None or not len(dl): continue
+        except TypeError: continue
+        rng = getattr(dl, 'rng', None)
+        st, pst, nst = rng.getstate() if isinstance(rng, random.Random) else None, random.getstate(), np.random.get_state()
+        devs = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=devs): b = dl.one_batch()
+        except Exception: continue
+        finally:
+            if st is not None: rng.setstate(st)
+            random.setstate(pst); np.random.set_state(nst)
+        n = getattr(dls, 'n_inp', 1 if len(b)==1 else len(b)-1)
+        return tuple(b[:n]), tuple(b[n:])
+    return None
+
+def learner_scored(learn, # A `Learner`
+                  ):
+    "Given a model's output, what the learner's loss scores: the output after its `after_pred` callbacks (which may pick `.logits`)"
+    def scored(out):
+        had, old = 'pred' in learn.__dict__, learn.__dict__.get('pred')
+        try:
+            learn.pred = out
+            learn('after_pred')
+            return learn.pred
+        except Exception: return out
+        finally:
+            if had: learn.pred = old
+            else: learn.__dict__.pop('pred', None)
+    return scored
 
 # %% ../nbs/01_core.ipynb #c004
 class GuardedStep:
@@ -94,7 +139,7 @@ class PadGuard(Callback):
         if batch is None: batch = learner_batch(self.learn)
         model = self.learn.model
         with patch_weight_dropout() if weight_dropout_remedy_needed(model) else nullcontext():
-            g = find_guarded(model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, self.learn)
+            g = find_guarded(model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, learner_scored(self.learn))
         if check_loss: pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         trained = {r for c in self.learn.cbs for r in getattr(getattr(c, 'trained', None), 'rows', ())}  # a `RowTrainer`'s rows
         both = sorted(trained & {r for t in g.targets for r in t.rows})

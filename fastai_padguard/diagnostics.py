@@ -10,7 +10,8 @@ from fastai.basics import *
 from fastai.text.data import LMDataLoader
 from fastprogress.fastprogress import progress_bar
 from .rows import *
-from .core import PadGuard
+from .core import PadGuard, learn_vocab, learner_batch, learner_scored
+from .trace import map_ids
 from .train_rows import row_trainer
 
 # %% auto #0
@@ -101,7 +102,7 @@ class PadMonitor(Callback):
         if not self.training or self._hist is not None: return
         guard = getattr(self.learn, 'pad_guard', None)
         g = getattr(guard, 'resolution', None)
-        if g is None: g = find_guarded(self.learn.model, learn_vocab(self.learn), batch=(self.xb, self.yb), learn=self.learn)
+        if g is None: g = find_guarded(self.learn.model, learn_vocab(self.learn), batch=(self.xb, self.yb), scored=learner_scored(self.learn))
         t = g.targets[0]
         self._w = t.param
         toks = next((v for v in text_vocabs(learn_vocab(self.learn)) if len(v)==self._w.shape[0]), None)
@@ -154,7 +155,7 @@ def row_audit(learn:Learner, # A learner with a text model
              )->RowAudit:
     "Rows of the token tables and output layer that look untrained, and rows whose ids the data never holds"
     guard = getattr(learn, 'pad_guard', None)
-    g = guard.current_resolution() if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), learn=learn)
+    g = guard.current_resolution() if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), scored=learner_scored(learn))
     ts = [t for t in g.targets if t.param.dim()==2 and t.dim==0 and not t.how.startswith('PEFT')]
     n = max(t.param.shape[0] for t in ts)
     counts = torch.zeros(n, dtype=torch.long)

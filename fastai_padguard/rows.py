@@ -6,44 +6,40 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/rows.html.md"""
 
 # %% ../nbs/01a_rows.ipynb #c003
 from __future__ import annotations
-from fastai.basics import *
-from fastai.text.core import PAD
-from fastai.text.models.core import LinearDecoder
-from torch.overrides import TorchFunctionMode
-import functools, operator, random, sys
-from collections.abc import Mapping
-import numpy as np
+import functools, operator
+from dataclasses import dataclass, field
+import torch
+from torch import nn, Tensor
+from .trace import Evidence, NoEvidence
 
 # %% auto #0
-__all__ = ['FAKE', 'EMB_TYPES', 'Target', 'Guarded', 'find_guarded', 'check_idx', 'check_extra_idxs', 'rows_on', 'text_vocabs',
-           'learn_vocab', 'learner_batch', 'vocab_pad', 'map_ids', 'NoEvidence', 'Evidence']
+__all__ = ['FAKE', 'EMB_TYPES', 'PAD', 'Target', 'Guarded', 'find_guarded', 'check_idx', 'check_extra_idxs', 'rows_on',
+           'text_vocabs', 'vocab_pad']
 
 # %% ../nbs/01a_rows.ipynb #c006
+@dataclass(eq=False)
 class Target:
-    "One guarded parameter: its `names` (tied names joined by ' = '), the `param`, its `rows`, and `how` it was found"
-    def __init__(self,
-        names:str, # The parameter's names in the model, tied names joined by ' = '
-        param:Tensor, # The parameter
-        rows:tuple, # Its guarded rows, sorted
-        how:str, # How it was found: by the batch's evidence, by name and size, or named with `emb=`/`out=`
-        dim:int=0, # The axis the token ids index: 0 for a table, 1 for a LoRA `lora_embedding_A` (looked up through its transpose)
-    ): store_attr()
+    "One guarded parameter: its `names` (tied names joined by ' = '), the `param`, its `rows`, `how` it was found, the `dim` ids index"
+    names:str # The parameter's names in the model, tied names joined by ' = '
+    param:Tensor # The parameter
+    rows:tuple # Its guarded rows, sorted
+    how:str # How it was found: by the batch's evidence, by name and size, or named with `emb=`/`out=`
+    dim:int=0 # The axis the token ids index: 0 for a table, 1 for a LoRA `lora_embedding_A` (looked up through its transpose)
     def index(self)->Tensor:
         "The rows as a long tensor on the parameter's device (made once per device)"
         return rows_on(self.rows, self.param.device)
     def __repr__(self): return f"{self.names}: {'columns' if self.dim else 'rows'} {list(self.rows)} ({self.how})"
 
+@dataclass(eq=False)
 class Guarded:
     "What `find_guarded` found: a `Target` per parameter, `pad_idx`, the loss's `loss_rows` (`None`: no output layer writes the vocab), `notes`, `evidence`, `head`"
-    def __init__(self,
-        targets:list, # A `Target` per guarded parameter, in the model's parameter order
-        pad_idx:int, # The pad index of the output layer (or, without one, of the first token table)
-        loss_rows:tuple|None, # The output layer's guarded rows: the columns the loss leaves out; `None` when no output layer writes the vocab
-        notes:list, # Things the user should know (a pad that is also EOS, a transform after the head, why the evidence was not used)
-        evidence:bool, # Whether one batch decided (else the name and size rules)
-        head:nn.Module|None=None, # The one module seen writing the logits the loss scores (the fused loss runs it); `None` if not one
-        lookups:dict|None=None, # `{id(table): [modules seen looking it up]}`, from the batch (`train_rows` hooks them)
-    ): store_attr()
+    targets:list # A `Target` per guarded parameter, in the model's parameter order
+    pad_idx:int # The pad index of the output layer (or, without one, of the first token table)
+    loss_rows:tuple|None # The output layer's guarded rows: the columns the loss leaves out; `None` when no output layer writes the vocab
+    notes:list # Things the user should know (a pad that is also EOS, a transform after the head, why the evidence was not used)
+    evidence:bool # Whether one batch decided (else the name and size rules)
+    head:nn.Module|None=None # The one module seen writing the logits the loss scores (the fused loss runs it); `None` if not one
+    lookups:dict=field(default_factory=dict) # `{id(table): [modules seen looking it up]}`, from the batch (`train_rows` hooks them)
     @property
     def rows(self)->dict:
         "`{parameter names: rows}`"
@@ -61,8 +57,8 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
                  extra_idxs:str|list|None=None, # Other rows to guard: 'fake' (each vocab's 'xxfake' rows) or a list of ints
                  emb:nn.Module|str|list|None=None, # Token embedding(s) to guard: a module, its dotted name, or a list; found by default
                  out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
-                 batch:tuple|None=None, # `(xb, yb)`, one batch of the learner's data: the evidence; `None`: names and sizes decide
-                 learn:Learner|None=None, # The learner, whose `after_pred` callbacks pick what the loss scores
+                 batch:tuple|None=None, # `(xb, yb)`, one batch of the data: the evidence; `None`: names and sizes decide
+                 scored=None, # Given the model's output, what the loss scores (a fastai learner's `after_pred`); by default `.logits` or a tuple's first item
                 )->Guarded:
     "Work out which parameters and rows of `model` are guarded; raises a `ValueError` that names the fix when it can't tell"
     extra = check_extra_idxs(extra_idxs)
@@ -80,7 +76,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     vrows = [_rows(p, extra, v) for p,v in zip(pads, vocabs)]
     ev, notes = None, []
     if batch is not None:
-        try: ev = Evidence.of(model, batch, learn, {pad_idx, *pads, *[getattr(h.config, 'pad_token_id', None) for h in hfs]} - {None})
+        try: ev = Evidence.of(model, batch, scored, {pad_idx, *pads, *[getattr(h.config, 'pad_token_id', None) for h in hfs]} - {None})
         except NoEvidence as e: notes.append(f"found by names and sizes: {e}")
     # the token tables `[(parameter, how)]` and the output layers `[(parameter, how, bias)]`
     if emb is not None: tables = [(e.weight, 'named with emb=') for e in _named(model, emb, names, 'emb')]
@@ -92,7 +88,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     tws = [w for w,_ in tables]
     if out is not None: outs = [(o.weight, 'named with out=', getattr(o, 'bias', None)) for o in _named(model, out, names, 'out')]
     elif ev is not None:
-        outs = [(w, how, b) for w,(how,b,_) in ev.outs if _writes_vocab(w, tws, vocabs, ev)]
+        outs = [(o.weight, o.how, o.bias) for o in ev.outs if _writes_vocab(o.weight, tws, vocabs, ev)]
         if not outs and ev.per_token and ev.n_scored in {w.shape[0] for w in tws} | {len(v) for v in vocabs}:
             raise ValueError(f"The loss scores one column per token ({ev.n_scored}), but no layer was seen writing those columns (not F.linear, "
                              "nn.Linear or x @ W.T: an einsum?), so its pad row can't be guarded. Name the layer that holds the output weight: "
@@ -115,7 +111,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     for h in hfs: notes += _hf_notes(h, lpad)
     if ev is not None: notes += ev.notes
     order = {id(p):i for i,(_,p) in enumerate(model.named_parameters())}
-    heads = [m for w,(_,_,m) in (ev.outs if ev is not None else []) if any(w is p for p,_,_ in outs)]
+    heads = [o.module for o in (ev.outs if ev is not None else []) if any(o.weight is p for p,_,_ in outs)]
     head = heads[0] if len(heads)==1 and len(outs)==1 and lrows is not None else None
     return Guarded(sorted(targets.values(), key=lambda t: order.get(id(t.param), len(order))), lpad, lrows, notes, ev is not None, head,
                    ev.lookups if ev is not None else {})
@@ -158,6 +154,8 @@ def _rows(pad, extra, vocab)->tuple:
     return tuple(sorted({pad, *(extra or [])}))
 
 # %% ../nbs/01a_rows.ipynb #c010
+PAD = 'xxpad'  # fastai's pad token (fastai.text.core.PAD), named here so that this module needs no fastai
+
 def text_vocabs(vocab, # fastai's `dls.vocab`, or anything else
                )->list:
     "The token lists of a fastai vocab: one for an LM, those holding 'xxpad' for `[tokens, labels]` or `[source, target]`"
@@ -176,33 +174,6 @@ def _no_pad_token(vocab):
     if fake: raise ValueError(f"The vocab has 'xxfake' rows {fake} but no '{PAD}' token (was it renamed?), so extra_idxs='fake' can't be "
                               f"read from it and those rows would go unguarded. Name them and the pad: learn.padguard(pad_idx=..., "
                               f"extra_idxs={fake}), or keep fastai's '{PAD}' in the vocab")
-
-def learn_vocab(learn, # A `Learner`
-               ):
-    "`learn.dls.vocab`, or `None` when the data has none"
-    try: return getattr(learn.dls, 'vocab', None)
-    except Exception: return None
-
-def learner_batch(learn, # A `Learner`
-                 )->tuple|None:
-    "One `(xb, yb)` of the learner's data (validation first), drawn leaving every RNG and the loader as they were; `None` when there is none"
-    dls = getattr(learn, 'dls', None)
-    for dl in (getattr(dls, 'valid', None), getattr(dls, 'train', None)):
-        try:
-            if dl is None or not len(dl): continue
-        except TypeError: continue
-        rng = getattr(dl, 'rng', None)
-        st, pst, nst = rng.getstate() if isinstance(rng, random.Random) else None, random.getstate(), np.random.get_state()
-        devs = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        try:
-            with torch.random.fork_rng(devices=devs): b = dl.one_batch()
-        except Exception: continue
-        finally:
-            if st is not None: rng.setstate(st)
-            random.setstate(pst); np.random.set_state(nst)
-        n = getattr(dls, 'n_inp', 1 if len(b)==1 else len(b)-1)
-        return tuple(b[:n]), tuple(b[n:])
-    return None
 
 def vocab_pad(toks:list, # A token list holding 'xxpad'
               pad_idx:int|None, # The pad index the user passed, or `None`
@@ -260,214 +231,6 @@ def _hf_notes(hf, pad)->list:
                        f"(and zeroes its embedding). Give the tokenizer a pad token of its own if the model must learn {k.split('_')[0]}")
     return res
 
-# %% ../nbs/01a_rows.ipynb #c013
-def _arg(args, kwargs, i, name):
-    return args[i] if len(args) > i else kwargs.get(name)
-
-def _transposed(w)->bool:
-    "Whether `w` is a parameter's transpose (PEFT's LoRA embedding looks up `lora_embedding_A.T`: the ids index A's columns)"
-    return not isinstance(w, nn.Parameter) and isinstance(getattr(w, '_base', None), nn.Parameter) and w.shape == w._base.shape[::-1]
-
-def _param_of(w, mod):
-    "The parameter behind a weight used in a forward: itself, the base of a transposed view, or a PEFT trainable-tokens layer's base weight"
-    if isinstance(w, nn.Parameter): return w
-    if isinstance(getattr(w, '_base', None), nn.Parameter) and w.shape == w._base.shape[::-1]: return w._base
-    for m in ([mod] if mod is not None else []):
-        if hasattr(m, 'trainable_tokens_delta') and hasattr(m, 'base_layer'): return m.base_layer.weight
-    return None
-
-class _Calls(TorchFunctionMode):
-    "Records, during one forward pass, the weights that integer ids index and the layers that multiply by a 2-d weight"
-    def __init__(self, stack:list): super().__init__(); self.stack,self.lookups,self.linears = stack,[],[]
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        res = func(*args, **kwargs)
-        mod = self.stack[-1] if self.stack else None
-        if func in (F.embedding, F.embedding_bag): ids,w = _arg(args, kwargs, 0, 'input'),_arg(args, kwargs, 1, 'weight')
-        elif func is torch.embedding: w,ids = _arg(args, kwargs, 0, 'weight'),_arg(args, kwargs, 1, 'indices')
-        elif func is Tensor.__getitem__ and isinstance(args[0], nn.Parameter) and args[0].dim()==2: w,ids = args
-        elif func is F.linear:
-            self.linears.append((_arg(args, kwargs, 1, 'weight'), _arg(args, kwargs, 2, 'bias'), res, mod)); return res
-        elif func in (torch.matmul, Tensor.__matmul__, Tensor.matmul, torch.mm, Tensor.mm) and len(args)==2 and isinstance(args[1], Tensor) and args[1].dim()==2:
-            self.linears.append((args[1], None, res, mod)); return res
-        else: return res
-        if isinstance(ids, Tensor) and not ids.is_floating_point() and ids.dtype is not torch.bool:
-            self.lookups.append((w, ids.detach().clone(), mod))
-        return res
-
-@contextmanager
-def _untouched(model:nn.Module):
-    "Run `model` in eval mode without grad, then put back bitwise every attribute, buffer, hidden state, mode and RNG state it had"
-    saved = []
-    for m in model.modules():
-        d = dict(m.__dict__)
-        subs = {k:(v, dict(v) if isinstance(v, dict) else list(v)) for k,v in d.items() if isinstance(v, (dict, list))}
-        saved.append((m, d, subs, {k:b.clone() for k,b in m._buffers.items() if b is not None}))
-    devs = sorted({p.device.index or 0 for p in model.parameters() if p.device.type=='cuda'})
-    pst, nst = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devs), torch.no_grad():
-            model.eval()
-            for m in model.modules():
-                if getattr(m, '_compiled_call_impl', None) is not None: m._compiled_call_impl = None  # `module.compile()`: run it eagerly
-            yield
-    finally:
-        random.setstate(pst); np.random.set_state(nst)
-        for m,d,subs,bufs in saved:
-            m.__dict__.clear(); m.__dict__.update(d)
-            for o,c in subs.values():
-                if isinstance(o, dict): o.clear(); o.update(c)
-                else: o[:] = c
-            for k,b in bufs.items(): m._buffers[k].copy_(b)
-
-def _forward(model, xb):
-    "Run `model(*xb)` recording its lookups and linear layers, with the module that ran each"
-    from torch.nn.modules.module import register_module_forward_pre_hook, register_module_forward_hook
-    stack = []
-    hs = [register_module_forward_pre_hook(lambda m,i: stack.append(m)), register_module_forward_hook(lambda m,i,o: stack.pop() and None)]
-    calls = _Calls(stack)
-    try:
-        run = getattr(model, '_orig_mod', model)  # `torch.compile(model)`: the module it wraps
-        f = lambda: run(*xb)
-        if 'torch._dynamo' in sys.modules: f = torch.compiler.disable(f)  # compiled code inside runs eagerly, so every call is seen
-        with calls: out = f()
-    finally:
-        for h in hs: h.remove()
-    return calls, out
-
-# %% ../nbs/01a_rows.ipynb #c014
-def _is_ids(t)->bool: return isinstance(t, Tensor) and t.dim() >= 2 and not t.is_floating_point() and not t.is_complex() and t.dtype is not torch.bool
-
-def map_ids(x, # A batch, or part of one: tensors in tuples, lists and mappings
-            f, # Applied to each tensor of token ids; its result replaces it
-            key=None, # The mapping key `x` sits under, if any
-           ):
-    "Apply `f` to every tensor of token ids in `x`: integer tensors of 2 or more dims, in a mapping only under keys ending in 'input_ids'"
-    if isinstance(x, Tensor): return f(x) if _is_ids(x) and (key is None or str(key).endswith('input_ids')) else x
-    if isinstance(x, Mapping): return type(x)({k:map_ids(v, f, k) for k,v in x.items()})
-    if isinstance(x, (list, tuple)):
-        vs = [map_ids(v, f, key) for v in x]
-        return type(x)(*vs) if hasattr(x, '_fields') else type(x)(vs)
-    return x
-
-def _shift(t:Tensor, keep:set)->Tensor:
-    "`t` with each id but those in `keep` (the pads) replaced by the next larger id present in `t` (the largest by the smallest)"
-    u = t.unique()
-    if keep: u = u[~torch.isin(u, torch.tensor(sorted(keep), device=t.device, dtype=u.dtype))]
-    if len(u) < 2: return t
-    i = torch.searchsorted(u, t.contiguous()).clamp(max=len(u)-1)
-    return torch.where(u[i]==t, u[(i+1) % len(u)], t)
-
-def _scored(out, learn):
-    "What the loss scores: the model's output after the learner's `after_pred` callbacks (which may pick `.logits` or a tuple's first item)"
-    p = out
-    if learn is not None:
-        had, old = 'pred' in learn.__dict__, learn.__dict__.get('pred')
-        try:
-            learn.pred = out
-            learn('after_pred')
-            p = learn.pred
-        except Exception: p = out
-        finally:
-            if had: learn.pred = old
-            else: learn.__dict__.pop('pred', None)
-    if hasattr(p, 'logits') and isinstance(p.logits, Tensor): p = p.logits
-    if isinstance(p, (tuple, list)) and p and isinstance(p[0], Tensor): p = p[0]
-    return p if isinstance(p, Tensor) else None
-
-def _same(a:Tensor, b:Tensor)->bool:
-    "Whether `b` is `a` or any view of it (a slice, a reshape, a broadcast `expand`): the same storage"
-    return a is b or b.numel() > 0 and a.untyped_storage().data_ptr()==b.untyped_storage().data_ptr()
-
-class NoEvidence(Exception):
-    "The batch could not tell: the model failed on it, or its token ids could not be changed"
-
-class Evidence:
-    "What one batch showed: `tables` (parameters the token ids index), `outs` (`[(weight, (how, bias, module))]`: the layer whose output the loss scores), `per_token`, `notes`"
-    def __init__(self,
-        tables:list, # The parameters the batch's token ids index
-        outs:list, # `[(weight, (how, bias, module))]`: the layers whose result the loss scores, and the module that ran each
-        per_token:bool, # Whether the targets are per token (a language model), not per sample (a classifier)
-        n_scored:int|None, # The number of columns of what the loss scores (`None` when it is not a tensor)
-        notes:list, # What the user should know about how it was read
-        lookups:dict|None=None, # `{id(table): [modules that looked it up]}`
-        dims:dict|None=None, # `{id(table): 1}` for a table whose columns the ids index (looked up through its transpose)
-    ):
-        store_attr()
-        self.dims = dims or {}
-
-    @classmethod
-    def of(cls,
-        model:nn.Module, # The model, run as it is (eval mode, no grad) and left bitwise as it was
-        batch:tuple, # `(xb, yb)`
-        learn:Learner|None=None, # The learner, whose `after_pred` callbacks pick what the loss scores
-        pads:set=frozenset(), # Ids never changed in the second run (the pads: models read padding from them)
-    ):
-        "Run `batch` through `model` twice, the second time with its token ids shifted, leaving the model bitwise as it was"
-        xb,yb = batch
-        p0 = next(model.parameters(), None)
-        if p0 is not None: xb = to_device(xb, p0.device)
-        n_ids = []
-        map_ids(xb, lambda t: n_ids.append(t) or t)
-        if not n_ids:
-            raise ValueError(f"padguard() and PadGuard are for text models, whose batches hold token ids: this learner's inputs hold no tensor of "
-                             f"integer ids ({_describe(xb)}). For a text model whose inputs are built otherwise, name the token table and "
-                             "the pad row yourself: learn.padguard(emb='the.embedding', pad_idx=...)")
-        shifted = map_ids(xb, partial(_shift, keep=set(pads)))
-        moved = []
-        map_ids(shifted, lambda t: moved.append(t) or t)
-        if all(x is y for x,y in zip(n_ids, moved)): raise NoEvidence("no batch tensor of token ids holds two different ids besides the pad")
-        with _untouched(model):
-            try:
-                a,out = _forward(model, xb)
-                scored = _scored(out, learn)
-                b,_ = _forward(model, shifted)
-            except Exception as e: raise NoEvidence(f"the model failed on a batch ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
-        tables, notes, dims = [], [], {}
-        def by_w(calls):
-            d = {}
-            for w,ids,m in calls: d.setdefault(id(w), (w, m, []))[2].append(ids)
-            return d
-        da, db = by_w(a.lookups), by_w(b.lookups)
-        pairs = list(zip(a.lookups, b.lookups)) if len(a.lookups)==len(b.lookups) else None
-        changed = ([(wa, m) for (wa,ia,m),(_,ib,_) in pairs if ia.shape!=ib.shape or not torch.equal(ia, ib)] if pairs is not None else
-                   [(w, m) for k,(w,m,ids) in da.items() if k not in db or len(ids)!=len(db[k][2]) or any(not torch.equal(x, y) for x,y in zip(ids, db[k][2]))])
-        for w,m in changed:
-            p = _param_of(w, m)
-            if p is None:
-                raise ValueError(f"The token ids index a weight that {type(m).__name__ if m is not None else 'the model'} computes at every forward, not a "
-                                 "parameter: PadGuard can't keep rows of it. Name the parameter it is computed from: learn.padguard(emb='the.embedding')")
-            if all(p is not q for q in tables): tables.append(p)
-            if _transposed(w): dims[id(p)] = 1
-        mods = {}  # every module that looked up a token table, by the table: what `train_rows` hooks
-        for w,_,m in a.lookups:
-            p = _param_of(w, m)
-            if p is not None and any(p is q for q in tables) and m is not None and m not in mods.setdefault(id(p), []): mods[id(p)].append(m)
-        outs = []
-        if scored is not None:
-            hits = [l for l in a.linears if _same(l[2], scored)]
-            how = 'writes the logits the loss scores'
-            if not hits:
-                hits = [l for l in a.linears if l[2].shape[-1]==scored.shape[-1] and l[2].numel()==scored.numel()]
-                how = 'writes the logits, transformed before the loss'
-                if hits: notes.append("the loss scores a transform of the output layers' results (a soft-cap, a scale, a bias added after them, "
-                                      "or several models' logits combined): each layer whose result has the logits' shape is taken as an output layer")
-            for w,bias,_,m in hits:
-                p = _param_of(w, m)
-                if p is None: raise ValueError(f"The logits come from a weight that {type(m).__name__ if m is not None else 'the model'} computes at every forward, "
-                                               "not a parameter: name the output layer with out=")
-                if all(p is not q for q,_ in outs): outs.append((p, (how, bias if isinstance(bias, nn.Parameter) else None, m)))
-        y = yb[0] if isinstance(yb, (list, tuple)) and len(yb) else None
-        per_token = (_is_ids(y) or isinstance(y, Tensor) and y.dim()>=2 and not y.is_floating_point()) if y is not None else (scored is not None and scored.dim()>=3)
-        return cls(tables, outs, per_token, None if scored is None else scored.shape[-1], notes, mods, dims)
-
-def _describe(x)->str:
-    "Shapes and dtypes of the tensors in `x`, for error messages"
-    if isinstance(x, Tensor): return f"{x.dtype} {tuple(x.shape)}"
-    if isinstance(x, dict): return '{' + ', '.join(f"{k}: {_describe(v)}" for k,v in x.items()) + '}'
-    if isinstance(x, (list, tuple)): return '(' + ', '.join(_describe(v) for v in x) + ')'
-    return type(x).__name__
-
 # %% ../nbs/01a_rows.ipynb #c016
 def _is_position(name:str)->bool:
     "Whether an embedding's name says it is a position (or token type) table: used only when no batch can be had"
@@ -506,14 +269,14 @@ def _rule_embs(model, names, vocabs, pads, hfs, pad_idx)->list:
 def _rule_outs(model, tables, hfs)->list:
     "Without a batch: linear layers tied to a token table, fastai's `LinearDecoder`, each HF model's `get_output_embeddings()`"
     res = [m for m in model.modules() if isinstance(m, nn.Linear) and any(m.weight is t for t in tables)]
-    res += [m.decoder for m in model.modules() if isinstance(m, LinearDecoder)]
+    res += [m.decoder for m in model.modules() if type(m).__name__=='LinearDecoder' and isinstance(getattr(m, 'decoder', None), nn.Linear)]  # fastai's
     res += [o for h in hfs for o in [h.get_output_embeddings()] if o is not None]
     return [m for i,m in enumerate(res) if isinstance(getattr(m, 'weight', None), Tensor) and m not in res[:i]]
 
 def _named(model, mods, names, arg)->list:
     "The modules that `emb=`/`out=` name: modules of `model` or their dotted names"
     res = []
-    for e in (mods if isinstance(mods, (list, tuple, L)) else [mods]):
+    for e in (mods if not isinstance(mods, (str, nn.Module)) and hasattr(mods, '__iter__') else [mods]):
         if isinstance(e, str):
             try: e = model.get_submodule(e)
             except AttributeError: raise ValueError(f"{arg}={e!r}: the model has no module of that name; the {'embeddings' if arg=='emb' else 'linear layers'} "

@@ -6,7 +6,8 @@ import numpy as np, torch, pytest
 from fastai.text.all import *
 from fastai_padguard.all import *
 from fastai_padguard.data import *
-from fastai_padguard.rows import find_guarded, learner_batch
+from fastai_padguard.rows import find_guarded
+from fastai_padguard.core import learner_batch, learner_scored
 from conftest import quiet, ids_dls, params_of, guarded_rows_of, HFLogits, NanoGPT
 
 def check_trained(learn, before, guarded:dict, mode='zero', moved:dict=None):
@@ -83,7 +84,7 @@ def test_resolving_changes_nothing(lm):
     state = {k: v.clone() for k,v in model.state_dict().items()}
     hidden = [[t.clone() for t in h] for h in model[0].hidden]
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), learn.dls.train.rng.getstate()
-    g = find_guarded(model, learn.dls.vocab, extra_idxs='fake', batch=learner_batch(learn), learn=learn)
+    g = find_guarded(model, learn.dls.vocab, extra_idxs='fake', batch=learner_batch(learn), scored=learner_scored(learn))
     assert g.evidence
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k,v in state.items())
