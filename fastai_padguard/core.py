@@ -15,6 +15,8 @@ from contextlib import nullcontext
 import random
 import numpy as np
 
+def _ce(lf): return lf.func if isinstance(lf, PadCrossEntropyLossFlat) else lf  # what the fused pass scores with
+
 _CANCELS = (CancelBatchException, CancelStepException, CancelBackwardException, CancelTrainException, CancelValidException,
             CancelEpochException, CancelFitException)  # fastai's own ways to end part of a fit: its events still run
 
@@ -211,7 +213,7 @@ class PadGuard(Callback):
         self.write_back()
         self._unfuse()
         if self.fused:
-            self.fusion, _ = fused_head(self.learn.model, self.learn.loss_func, g, self.chunk)
+            self.fusion, _ = fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
         opt = self.learn.opt
         cur = opt.__dict__.get('step')
         if isinstance(cur, GuardedStep): cur.guard = self
@@ -252,7 +254,7 @@ class PadGuard(Callback):
     def _fused_line(self, g)->str:
         "Whether the training logits are computed in chunks inside the loss, and why not"
         if not self.fused: return "off (fused=False): the output layer computes the logits and the loss scores them"
-        head, why = fused_head(self.learn.model, self.learn.loss_func, g, self.chunk)
+        head, why = fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
         if head is None: return f"off: {why}, so the logits are computed as usual"
         names = {m:n for n,m in self.learn.model.named_modules()}
         s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "

@@ -6,10 +6,13 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/fused.html.md"""
 
 # %% ../nbs/02a_fused.ipynb #c003
 from __future__ import annotations
-from fastai.basics import *
-from .rows import Guarded
-from .losses import PadCrossEntropyLossFlat, masked_ce, masked_ce_grad
 import math, weakref
+from functools import partial
+import torch
+from torch import nn, Tensor
+import torch.nn.functional as F
+from .rows import Guarded
+from .ce import PadCrossEntropy, masked_ce, masked_ce_grad
 from math import inf
 
 # %% auto #0
@@ -31,6 +34,8 @@ _CASTS = {Tensor.float: torch.float32, Tensor.half: torch.float16, Tensor.bfloat
 _SCALAR_OPS = {Tensor.__truediv__, Tensor.div, torch.div, Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul,
                Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add, Tensor.__sub__, Tensor.sub, torch.sub}
 
+def _identity(x): return x
+
 def _lazy(func, args, kwargs):
     "`(fn, dtype)` when `func(*args, **kwargs)` on `FusedLogits` `args[0]` is elementwise and can wait for the chunks; else `None`"
     x = args[0]
@@ -41,7 +46,7 @@ def _lazy(func, args, kwargs):
     if func in (torch.tanh, Tensor.tanh) and len(args)==1: return torch.tanh, x.dtype
     if func in _SCALAR_OPS and len(args)==2 and isinstance(args[1], (int, float)) and not isinstance(args[1], bool):
         return (lambda z, f=func, c=args[1]: f(z, c)), x.dtype
-    if func is Tensor.contiguous and len(args)==1: return noop, x.dtype
+    if func is Tensor.contiguous and len(args)==1: return _identity, x.dtype
     return None
 
 class FusedLogits(Tensor):
@@ -85,21 +90,23 @@ class FusedLogits(Tensor):
             lz = _lazy(func, args, kwargs)
             if lz is not None:
                 x, (fn, dt) = args[0], lz
-                return x if fn is noop else cls(x.h, x.weight, x.bias, x.head, x.fns + (fn,), dt, x.cast)
+                return x if fn is _identity else cls(x.h, x.weight, x.bias, x.head, x.fns + (fn,), dt, x.cast)
         mat = lambda o: o.materialize() if isinstance(o, cls) else o
         args = [type(a)(mat(o) for o in a) if isinstance(a, (list, tuple)) else mat(a) for a in args]
         return func(*args, **{k: mat(v) for k,v in kwargs.items()})
 
     def fused_loss(self,
-        loss:PadCrossEntropyLossFlat, # The loss, called with these logits
-        targ:Tensor, # Its targets
+        ce:PadCrossEntropy, # The loss, its classes on the last axis of these logits
+        targ:Tensor, # Its targets, one per row of the logits (any shape: flattened)
     )->Tensor:
-        "`loss` of these logits against `targ`, chunk by chunk, never holding them whole (`PadCrossEntropyLossFlat` calls it)"
+        "`ce` of these logits against `targ`, chunk by chunk, never holding them whole (`PadCrossEntropyLossFlat` calls it)"
         plain = lambda x: x if type(x) is Tensor else x.as_subclass(Tensor)  # fastai's TensorText: dropped (fastai 2.7 can't recast a Tensor)
         h, t = plain(self.h).reshape(-1, self.h.shape[-1]), plain(targ).reshape(-1)
-        if loss.axis not in (-1, self.dim()-1) or self._real is not None or t.shape[0] != h.shape[0]: return loss(self.materialize(), targ)
+        if self._real is not None or t.shape[0] != h.shape[0]:
+            z = plain(self.materialize())
+            return ce(z.reshape(-1, z.shape[-1]), t)
         n = self.head.chunk if self.head is not None and self.head.chunk else chunk_rows(h.shape[0], self.weight.shape[0], h.shape[1])
-        return _FusedCE.apply(h, self.weight, self.bias, t, loss.func, self.fns, n, self.cast)
+        return _FusedCE.apply(h, self.weight, self.bias, t, ce, self.fns, n, self.cast)
 
 # %% ../nbs/02a_fused.ipynb #c007
 CHUNK_BYTES = 64 * 2**20
@@ -118,7 +125,7 @@ def chunk_rows(n:int, # Tokens in the batch
 def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None):
     "Loss and gradients of `func(fns(h @ w.T + b), t)`, `n` tokens at a time in one reused buffer; `go`: a gradient per token"
     cd = cast[1] if cast[0] else h.dtype  # the dtype the layer computes in: autocast's, or its own
-    idx, fill, ign, wt, sm, red = func.ce_args(h.device)
+    idx = func.index(h.device)
     with torch.autocast(h.device.type, enabled=False):
         wc = w.to(cd); bc = None if b is None else b.to(cd)
         gh = torch.empty_like(h) if need[0] else None
@@ -143,10 +150,10 @@ def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None):
             else: x = z.index_fill_(1, idx, -inf)
             lsm = x if lb is None else lb[:hc.shape[0]]
             torch.log_softmax(x, 1, dtype=lsm.dtype, out=lsm)
-            l, saved = masked_ce(lsm, t[s:s+n], idx, fill, ign, wt, sm, red, den)
+            l, grad = masked_ce(lsm, t[s:s+n], func, den)
             losses.append(l)
             if not any(need): continue
-            dz = masked_ce_grad(lsm, saved, 1. if go is None else go[s:s+n])
+            dz = masked_ce_grad(lsm, grad, 1. if go is None else go[s:s+n])
             if fns: dz, = torch.autograd.grad(y, zr, dz.to(y.dtype))
             if dz.dtype != cd: dz = z.copy_(dz)
             if gh is not None:
@@ -159,7 +166,7 @@ def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None):
             if gb is not None:
                 if s == 0: torch.sum(dz, 0, dtype=gb.dtype, out=gb)
                 else: gb += dz.sum(0).to(gb.dtype)
-    return (torch.cat(losses) if red=='none' else torch.stack(losses).sum()), gh, gw, gb
+    return (torch.cat(losses) if func.reduction=='none' else torch.stack(losses).sum()), gh, gw, gb
 
 class _FusedCE(torch.autograd.Function):
     "`PadCrossEntropyLossFlat` of `h @ w.T + b` in chunks; for 'mean' and 'sum' the gradients are worked out in the forward pass"
@@ -224,13 +231,13 @@ def _compiled(model)->bool:
     return getattr(model, '_orig_mod', None) is not None or any(getattr(m, '_compiled_call_impl', None) is not None for m in model.modules())
 
 def fused_head(model:nn.Module, # The learner's model
-               loss, # The learner's loss
+               loss, # The loss: a `PadCrossEntropy` (fastai's `PadCrossEntropyLossFlat` hands its own), or another, which can't be fused
                g:Guarded, # What the guard found in this model
                chunk:int|None=None, # Tokens per chunk; by default from the sizes
               )->tuple:
     "`(FusedHead, None)` for the output layer that `g` found, or `(None, why)` when the logits must be computed as usual"
     if g.loss_rows is None: return None, "no output layer writes the token vocab (not a language model)"
-    if not isinstance(loss, PadCrossEntropyLossFlat): return None, f"the loss is {type(loss).__name__}, not PadCrossEntropyLossFlat"
+    if not isinstance(loss, PadCrossEntropy): return None, f"the loss is {type(loss).__name__}, not PadCrossEntropyLossFlat"
     if g.head is None: return None, "no single linear layer was seen writing the logits the loss scores"
     if type(g.head).forward is not nn.Linear.forward:
         return None, f"the output layer is a {type(g.head).__name__}, whose forward is not nn.Linear's (a LoRA or quantized layer?)"

@@ -7,14 +7,12 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/losses.html.md"""
 # %% ../nbs/02_losses.ipynb #c003
 from __future__ import annotations
 from fastai.basics import *
-from .rows import rows_on, check_idx, check_extra_idxs
-import itertools
+from .rows import rows_on
+from .ce import PadCrossEntropy
 from math import inf
-try: from torch.compiler import is_compiling as _compiling
-except ImportError: from torch._dynamo import is_compiling as _compiling  # torch < 2.3
 
 # %% auto #0
-__all__ = ['PadCrossEntropyLossFlat', 'masked_ce', 'masked_ce_grad']
+__all__ = ['PadCrossEntropyLossFlat']
 
 # %% ../nbs/02_losses.ipynb #c004
 class PadCrossEntropyLossFlat(BaseLoss):
@@ -31,7 +29,7 @@ class PadCrossEntropyLossFlat(BaseLoss):
         axis:int=-1, # The class axis of the logits
         **kwargs
     ):
-        super().__init__(_PadCrossEntropy, pad_idx, *args, extra_idxs=extra_idxs, ignore_index=ignore_index, reduction=reduction,
+        super().__init__(PadCrossEntropy, pad_idx, *args, extra_idxs=extra_idxs, ignore_index=ignore_index, reduction=reduction,
                          weight=weight, label_smoothing=label_smoothing, axis=axis, **kwargs)
         for k in ('pad_idx','extra_idxs','ignore_index','weight','label_smoothing'): self.__dict__.pop(k, None)  # read them from `func`
 
@@ -58,7 +56,7 @@ class PadCrossEntropyLossFlat(BaseLoss):
     def __call__(self, inp, targ, **kwargs):
         "The loss; logits that are not computed yet (`FusedLogits`, see [fused](fused.html)) are scored chunk by chunk"
         fused = getattr(inp, 'fused_loss', None)
-        if fused is not None and not kwargs: return fused(self, targ)
+        if fused is not None and not kwargs and self.axis in (-1, inp.dim()-1): return fused(self.func, targ)
         return super().__call__(inp, targ, **kwargs)
 
     def _mask(self, x:Tensor)->Tensor: return x.index_fill(self.axis, rows_on(self.rows, x.device), -inf)
@@ -70,147 +68,4 @@ class PadCrossEntropyLossFlat(BaseLoss):
         return F.softmax(self._mask(x), dim=self.axis)
     def __repr__(self): return f"PadCrossEntropyLossFlat({self.func.extra_repr()})"
 
-# %% ../nbs/02_losses.ipynb #c007
-def _kept(t, idx, fill, ignore_index, weight, dtype):
-    "Which targets count (`keep`), the targets with the others read from column `fill` (`ts`), and each one's weight (`wt`)"
-    keep = (t != ignore_index) & (t[:,None] != idx).all(1)
-    ts = torch.where(keep, t, fill)  # a kept column: gathering a left-out one would give 0 * inf = nan
-    wt = keep.to(dtype) if weight is None else torch.where(keep, weight.to(dtype)[ts], 0)
-    return keep, ts, wt
-
-def masked_ce(lsm:Tensor, # `(N, C)` log-probabilities, the left-out columns at `-inf`; with smoothing, briefly overwritten and restored
-              t:Tensor, # `(N,)` targets
-              idx:Tensor, # The left-out columns
-              fill:int, # A kept column, where ignored targets are read from
-              ignore_index:int, # Targets equal to it are ignored
-              weight:Tensor|None, # A weight per class
-              smoothing:float, # Label smoothing, spread over the kept columns
-              reduction:str, # 'mean', 'sum' or 'none'
-              den:Tensor|None=None, # What 'mean' divides by; by default the summed weights of the targets kept here
-             )->tuple:
-    "The loss from log-probabilities, and what `masked_ce_grad` needs to write its gradient: the math of `PadCrossEntropyLossFlat`, in one place"
-    keep, ts, wt = _kept(t, idx, fill, ignore_index, weight, lsm.dtype)
-    nll = lsm.gather(1, ts[:,None]).squeeze(1).neg_()
-    loss = (1-smoothing) * wt * nll
-    if smoothing:
-        wk = (torch.ones(lsm.shape[1], dtype=lsm.dtype, device=lsm.device) if weight is None else weight.to(lsm.dtype)).index_fill(0, idx, 0)
-        k = lsm.shape[1] - idx.numel()
-        lsm.index_fill_(1, idx, 0.)
-        smooth = (lsm @ wk).neg_() * keep
-        lsm.index_fill_(1, idx, -inf)
-        loss = loss + smoothing/k * smooth
-        c = keep.to(lsm.dtype) * (smoothing/k)
-        a = (1-smoothing)*wt + c*wk.sum()
-    else: wk,c,a = None,None,wt
-    if reduction=='mean':
-        if den is None: den = wt.sum()  # a chunk of a batch is given the whole batch's
-        s = 1/torch.where(den > 0, den, 1)
-        loss = loss.sum()*s
-    else: s = lsm.new_ones(())
-    if reduction=='sum': loss = loss.sum()
-    return loss, (ts, a, (1-smoothing)*wt, c, wk, s)
-
-def masked_ce_grad(lsm:Tensor, # The log-probabilities `masked_ce` was given: overwritten with the gradient
-                   saved:tuple, # What `masked_ce` returned beside the loss
-                   g:Tensor|float, # The loss's gradient: a scalar, or one per target for reduction 'none'
-                  )->Tensor:
-    "The gradient of `masked_ce`'s loss with respect to the logits, written over `lsm` (the left-out columns get exactly 0)"
-    ts,a,b,c,wk,s = saved
-    gs = g*s
-    p = lsm.exp_()
-    p.mul_((a*gs)[:,None])
-    p.scatter_add_(1, ts[:,None], (b*gs).neg_()[:,None])
-    if c is not None: p.addr_(c*gs, wk, alpha=-1)
-    return p
-
-class _MaskedCE(torch.autograd.Function):
-    "Cross-entropy of `x` `(N, C)` with columns `idx` out of the softmax and out of the targets"
-    @staticmethod
-    def forward(ctx, x, t, idx, fill, ignore_index, weight, smoothing, reduction, den=None):
-        half = x.dtype in (torch.float16, torch.bfloat16)
-        if half or x.is_inference() or _compiling():
-            lsm = torch.log_softmax(x.to(torch.float32 if half else x.dtype, copy=True).index_fill_(1, idx, -inf), 1)
-        else:
-            xd = x.data  # written and restored bitwise before anything reads it; `.data` leaves the version counter alone
-            kept = xd.index_select(1, idx)
-            xd.index_fill_(1, idx, -inf)
-            try: lsm = torch.log_softmax(xd, 1)
-            finally: xd.index_copy_(1, idx, kept)
-        loss, saved = masked_ce(lsm, t, idx, fill, ignore_index, weight, smoothing, reduction, den)
-        ctx.save_for_backward(lsm, *saved)
-        ctx.dtype,ctx.used = x.dtype,False
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        if ctx.used: raise RuntimeError("PadCrossEntropyLossFlat reuses its saved buffer as the gradient, so it can't backpropagate twice (retain_graph=True)")
-        ctx.used = True
-        lsm,*saved = ctx.saved_tensors
-        return masked_ce_grad(lsm, saved, g).to(ctx.dtype), None, None, None, None, None, None, None, None
-
-
-# %% ../nbs/02_losses.ipynb #c008
-class _PadCrossEntropy(nn.Module):
-    "Cross-entropy over `(N, C)` logits with columns `pad_idx` and `extra_idxs` out of the softmax and out of the targets"
-    def __init__(self, pad_idx:int, extra_idxs=None, ignore_index:int=-100, reduction:str='mean', weight:Tensor|None=None, label_smoothing:float=0.):
-        super().__init__()
-        if reduction not in ('mean','sum','none'): raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
-        if not 0 <= label_smoothing <= 1: raise ValueError(f"label_smoothing={label_smoothing} is not between 0 and 1")
-        self.pad_idx,self.reduction,self.ignore_index,self.label_smoothing = check_idx(pad_idx, 'pad_idx'),reduction,int(ignore_index),float(label_smoothing)
-        self.weight,self._w = (None if weight is None else torch.as_tensor(weight).detach()),{}
-        self.extra_idxs = extra_idxs
-
-    @property
-    def extra_idxs(self): return self._extra
-    @extra_idxs.setter
-    def extra_idxs(self, v):
-        "Set the other left-out columns; the sorted rows are worked out here, once, not per batch"
-        self._extra = check_extra_idxs(v)
-        self._set(None if self._extra=='fake' else tuple(sorted({self.pad_idx, *(self._extra or ())})))
-
-    def _set(self, rows):
-        "Keep the sorted left-out `rows` and the first kept column (where ignored targets are read from), worked out once"
-        self._rows = rows
-        self._fill = None if rows is None else next(i for i in itertools.count() if i not in rows)
-
-    def set_rows(self, pad_idx:int, rows:tuple):
-        "Leave out exactly `rows` and `pad_idx` (`extra_idxs='fake'` stays, to follow the guard's rows at every fit)"
-        self.pad_idx = check_idx(pad_idx, 'pad_idx')
-        rows = tuple(sorted({self.pad_idx, *rows}))
-        if self._extra != 'fake': self._extra = tuple(r for r in rows if r != self.pad_idx)
-        self._set(rows)
-
-    @property
-    def rows(self)->tuple:
-        if self._rows is None:
-            raise ValueError("PadCrossEntropyLossFlat(extra_idxs='fake') needs the vocab to find the 'xxfake' rows: "
-                             "call learn.padguard(), which resolves it, or pass the row indices")
-        return self._rows
-
-    def _weight(self, device):
-        "`weight` on `device`, copied there once"
-        if self.weight is None: return None
-        if device not in self._w: self._w[device] = self.weight.to(device)
-        return self._w[device]
-
-    def forward(self, inp:Tensor, targ:Tensor, den:Tensor|None=None)->Tensor:
-        "The loss of `inp` `(N, C)`; `den`: the divisor of `'mean'` (by default `divisor(targ)`, a chunk of a batch is given the batch's)"
-        return _MaskedCE.apply(inp, targ, rows_on(self.rows, inp.device), self._fill, self.ignore_index, self._weight(inp.device),
-                               self.label_smoothing, self.reduction, den)
-
-    def ce_args(self, device)->tuple:
-        "What `masked_ce` takes after the log-probabilities and targets, on `device`: `(idx, fill, ignore_index, weight, smoothing, reduction)`"
-        return rows_on(self.rows, device), self._fill, self.ignore_index, self._weight(device), self.label_smoothing, self.reduction
-
-    def divisor(self, targ:Tensor, dtype=torch.float32)->Tensor:
-        "What `'mean'` divides by: the summed weights of the targets that count (their number without `weight`)"
-        return _kept(targ, rows_on(self.rows, targ.device), self._fill, self.ignore_index, self._weight(targ.device), dtype)[2].sum()
-
-    def __getstate__(self): return {**self.__dict__, '_w': {}}
-    def extra_repr(self):
-        s = f"pad_idx={self.pad_idx}, extra_idxs={self.extra_idxs}, reduction={self.reduction!r}"
-        if self.ignore_index != -100: s += f", ignore_index={self.ignore_index}"
-        if self.weight is not None: s += f", weight={self.weight.tolist()}"
-        if self.label_smoothing: s += f", label_smoothing={self.label_smoothing}"
-        return s
+_PadCrossEntropy = PadCrossEntropy  # its name in version 0.1.0: learners exported with it still load
