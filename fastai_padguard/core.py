@@ -9,7 +9,8 @@ from __future__ import annotations
 from fastai.basics import *
 from .rows import *
 from .losses import PadCrossEntropyLossFlat
-from .fused import fused_head
+from .fused import fused_head, check_chunk
+from .ops import RowKeeper, guard_step, unguard_step
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 import random
@@ -21,7 +22,8 @@ _CANCELS = (CancelBatchException, CancelStepException, CancelBackwardException, 
             CancelEpochException, CancelFitException)  # fastai's own ways to end part of a fit: its events still run
 
 # %% auto #0
-__all__ = ['learn_vocab', 'learner_batch', 'learner_scored', 'GuardedStep', 'FusedBatch', 'pad_loss_rows', 'PadGuard']
+__all__ = ['learn_vocab', 'learner_batch', 'learner_scored', 'pad_loss_rows', 'PadGuard', 'FusedBatch', 'fused_note',
+           'FusedOutput']
 
 # %% ../nbs/01_core.ipynb #c003b
 def learn_vocab(learn, # A `Learner`
@@ -66,35 +68,7 @@ def learner_scored(learn, # A `Learner`
             else: learn.__dict__.pop('pred', None)
     return scored
 
-# %% ../nbs/01_core.ipynb #c004
-class GuardedStep:
-    "The optimizer's `step`, then the guard's write-back in `finally`: no event, exception or interrupt comes between them"
-    def __init__(self,
-        step, # The optimizer's step it wraps
-        guard, # The `PadGuard` whose rows it writes back
-        had:bool, # Whether that step was set on the optimizer itself (put back after the fit) rather than its class's method
-    ): store_attr()
-    def __call__(self, *args, **kwargs):
-        if self.guard.fusion is not None: self.guard.fusion.keep_weights()  # `learn.pred` stays the logits the loss saw
-        try: return self.step(*args, **kwargs)
-        finally: self.guard.write_back()
-
-class FusedBatch:
-    "fastai's work on one training batch with the fused output layer installed for it alone, taken off in `finally`"
-    def __init__(self,
-        learn:Learner, # The learner whose `_do_one_batch` it stands in for, during a fit
-        guard, # The `PadGuard` whose `fusion` (a `FusedHead`, or `None`) it installs
-    ): store_attr()
-    def __call__(self):
-        learn, head = self.learn, self.guard.fusion if self.guard.learn is self.learn else None  # a guard removed: plain fastai
-        if head is None or not learn.training: return type(learn)._do_one_batch(learn)
-        head.install()
-        try: return type(learn)._do_one_batch(learn)
-        except BaseException as e:
-            if not isinstance(e, _CANCELS): self.guard._unfuse(); self.guard._unbatch()  # an interrupt: no `after_fit`
-            raise
-        finally: head.remove()  # fastai runs no event on an interrupt: a `finally` is the one place that always runs
-
+# %% ../nbs/01_core.ipynb #c004a
 def pad_loss_rows(lf:Callable, # The learner's loss
                   g:Guarded, # What the guard found
                   owned=None, # The loss `padguard()` built, whose rows always follow the guard's
@@ -112,6 +86,7 @@ def pad_loss_rows(lf:Callable, # The learner's loss
                      f"PadCrossEntropyLossFlat({g.pad_idx}, extra_idxs={[r for r in g.loss_rows if r!=g.pad_idx]}), or call "
                      "learn.padguard(loss=True), which sets them at every fit")
 
+# %% ../nbs/01_core.ipynb #c004c
 class PadGuard(Callback):
     "Keep the pad row (and `extra_idxs` rows) of token tables, output layers and their biases zeroed or frozen"
     order = 12  # DistributedTrainer.order + 1: after DDP wraps the model (fastai.distributed needs accelerate, not a dependency)
@@ -121,23 +96,20 @@ class PadGuard(Callback):
         extra_idxs:str|list|None=None, # Other rows to guard: 'fake' (the vocab's 'xxfake' rows) or a list of ints
         emb:nn.Module|str|list|None=None, # Token table(s) to guard: a module, its dotted name in the model, or a list; found by default
         out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
-        fused:bool=True, # In training, run the output layer inside `PadCrossEntropyLossFlat`, in chunks, never holding the logits whole
-        chunk:int|None=None, # Tokens per chunk of the fused pass; by default chunks of at most 64 MiB of float32 logits
+        fused:bool=True, # Also train with a `FusedOutput` (added at fit start if the learner has none): the logits never held whole
+        chunk:int|None=None, # Tokens per chunk of that fused pass; by default chunks of at most 64 MiB of float32 logits
     ):
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
         self.pad_idx = None if pad_idx is None else check_idx(pad_idx, 'pad_idx')
-        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-            raise ValueError(f"chunk={chunk!r}: pass a number of tokens per chunk (an int >= 1), or None to size chunks from the vocab")
-        self.mode,self.extra_idxs,self.emb,self.out,self.fused,self.chunk = mode,check_extra_idxs(extra_idxs),emb,out,bool(fused),chunk
-        self._ps,self._saved,self.resolution,self.pad_loss,self.loss_note,self._wd = None,None,None,None,None,None
-        self.fusion,self.logits_computed,self._for = None,False,None
+        self.mode,self.extra_idxs,self.emb,self.out,self.fused,self.chunk = mode,check_extra_idxs(extra_idxs),emb,out,bool(fused),check_chunk(chunk)
+        self.keeper,self.resolution,self._for,self.pad_loss,self.loss_note,self._wd = None,None,None,None,None,None
 
     def resolve(self,
         batch:tuple|None=None, # `(xb, yb)` to find the rows from; by default one drawn from `learn.dls`, leaving it as it was
         check_loss:bool=True, # Also check the learner's `PadCrossEntropyLossFlat` against what is found
     )->Guarded:
-        "What is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
+        "Find what is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
         if batch is None: batch = learner_batch(self.learn)
         model = self.learn.model
         with patch_weight_dropout() if weight_dropout_remedy_needed(model) else nullcontext():
@@ -149,24 +121,23 @@ class PadGuard(Callback):
                                   "extra_idxs, or lift the training rows first with learn.train_rows(None)")
         return g
 
+    def _key(self): return id(self.learn.model), id(getattr(self.learn, 'dls', None))
     def _is_current(self, g)->bool:
         "Whether resolution `g` still describes the learner: the same model and data, and its parameters still the model's"
-        if g is None or self.learn is None or self._for != self._resolved_key(): return False
+        if g is None or self.learn is None or self._for != self._key(): return False
         ps = {id(p) for p in self.learn.model.parameters()}
         return all(id(t.param) in ps for t in g.targets)
 
-    def _resolved_key(self): return id(self.learn.model), id(getattr(self.learn, 'dls', None))
+    def keep(self,
+        g:Guarded, # A resolution of this learner's model and data
+    ):
+        "Keep `g` as the decision that the callbacks, `repr`, `row_audit` and `train_rows` read"
+        self.resolution, self._for = g, self._key()
 
     def current_resolution(self)->Guarded:
         "The resolution this fit (or `padguard()`) made, while it still describes the learner; else a new one, kept"
         if not self._is_current(self.resolution): self.keep(self.resolve())
         return self.resolution
-
-    def keep(self,
-        g:Guarded, # A resolution of this learner's model, data and loss
-    ):
-        "Keep `g` as the decision that the callbacks, `repr`, `row_audit` and `train_rows` read"
-        self.resolution, self._for = g, self._resolved_key()
 
     @property
     def guarded(self)->dict:
@@ -180,87 +151,42 @@ class PadGuard(Callback):
                                     "then learn.padguard(...) or learn.add_cb(PadGuard(...)) once")
 
     def before_fit(self):
-        "Check that it is the only guard; where fastai needs it, apply the weight-dropout remedy for this fit"
+        "Check that it is the only guard; where fastai needs it, apply the weight-dropout remedy for this fit; bring a `FusedOutput` if `fused`"
         self._one_guard()
-        self._ps = None
-        self._unfuse()  # a fit that was interrupted (fastai skips after_fit then) may have left it on
-        self.logits_computed = False
+        self.keeper = None
         if self._wd is None and weight_dropout_remedy_needed(self.learn.model): self._wd = patch_weight_dropout()
-        if self.fused: self.learn._do_one_batch = FusedBatch(self.learn, self)  # fastai reads it before `before_batch`: set for the whole fit
+        if self.fused and not any(isinstance(c, FusedOutput) for c in self.learn.cbs):
+            fo = FusedOutput(self.chunk)
+            self.learn.add_cb(fo)
+            fo.before_fit()  # added during this event: it would miss it
 
     def before_batch(self):
-        "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch"
-        if self.training and self._ps is None: self._setup()
-
-    def after_loss(self):
-        "The fused output layer is only for the loss of a training batch: anything after it gets the layer's own forward"
-        if self.fusion is not None: self.fusion.on = False
-
-    def _unfuse(self):
-        if self.fusion is None: return
-        self.logits_computed = self.logits_computed or self.fusion.computed
-        self.fusion.remove(); self.fusion = None
-
-    def _setup(self):
-        "Find the targets from this batch, give the loss its rows, zero (or keep aside) the rows, and wrap the optimizer's step"
+        "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch, then keep them"
+        if not self.training or self.keeper is not None: return
         self._one_guard()
         g = self.resolve((self.xb, self.yb), check_loss=False)
         rows = pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         if rows is not None: self.learn.loss_func.set_rows(g.pad_idx, rows)
-        self._saved = [t.param.detach().index_select(t.dim, t.index()) for t in g.targets] if self.mode=='freeze' else None
-        self._ps = g.targets
         self.keep(g)
-        self.write_back()
-        self._unfuse()
-        if self.fused:
-            self.fusion, _ = fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
-        opt = self.learn.opt
-        cur = opt.__dict__.get('step')
-        if isinstance(cur, GuardedStep): cur.guard = self
-        else: opt.step = GuardedStep(opt.step, self, cur is not None)
+        self.keeper = RowKeeper(g.targets, self.mode)
+        self.keeper.write_back()
+        guard_step(self.learn.opt, self)  # the guard's own write-back: a guard removed after an interrupted fit writes nothing
 
     def after_backward(self):
         "Zero the guarded rows of every gradient, before any callback reads them (`GradientClip`, `MixedPrecision` in `before_step`)"
-        if self._ps is None: return
-        for t in self._ps:
-            if t.param.grad is not None: t.param.grad.index_fill_(t.dim, t.index(), 0.)
+        if self.keeper is not None: self.keeper.zero_grads()
 
     def write_back(self):
         "Set the guarded rows to 0 (or their kept values): run by the optimizer's step itself, and at the end of the fit"
-        if self._ps is None or self.learn is None: return
-        with torch.no_grad():
-            if self.mode=='zero':
-                for t in self._ps: t.param.index_fill_(t.dim, t.index(), 0.)
-            else:
-                for t,v in zip(self._ps, self._saved): t.param.index_copy_(t.dim, t.index(), v)
+        if self.keeper is not None and self.learn is not None: self.keeper.write_back()
 
     def after_fit(self):
         self.write_back()
-        opt = getattr(self.learn, 'opt', None)
-        cur = None if opt is None else opt.__dict__.get('step')
-        if isinstance(cur, GuardedStep):
-            if cur.had: opt.step = cur.step
-            else: del opt.step
-        self._ps = self._saved = None
-        self._unfuse()
+        unguard_step(getattr(self.learn, 'opt', None))
+        self.keeper = None
         if self._wd is not None: self._wd.undo(); self._wd = None
-        self._unbatch()
 
-    def _unbatch(self):
-        if isinstance(self.learn.__dict__.get('_do_one_batch'), FusedBatch): del self.learn._do_one_batch
-
-    def __getstate__(self): return {**self.__dict__, '_ps': None, '_saved': None, 'resolution': None, '_for': None, '_wd': None, 'fusion': None}
-
-    def _fused_line(self, g)->str:
-        "Whether the training logits are computed in chunks inside the loss, and why not"
-        if not self.fused: return "off (fused=False): the output layer computes the logits and the loss scores them"
-        head, why = fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
-        if head is None: return f"off: {why}, so the logits are computed as usual"
-        names = {m:n for n,m in self.learn.model.named_modules()}
-        s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "
-             f"{f'{self.chunk} tokens at a time' if self.chunk else 'in chunks of at most 64 MiB of logits'} (padguard(fused=False) turns it off)")
-        if self.logits_computed: s += "; something read the training logits (a metric with train_metrics=True, a callback), so they were computed for it"
-        return s
+    def __getstate__(self): return {**self.__dict__, 'keeper': None, 'resolution': None, '_for': None, '_wd': None}
 
     def __repr__(self):
         s = f"PadGuard(mode={self.mode!r}" + (f", emb={self.emb!r}" if self.emb is not None else '') + (f", out={self.out!r}" if self.out is not None else '')
@@ -274,5 +200,76 @@ class PadGuard(Callback):
         lf = self.learn.loss_func
         pad_aware = isinstance(lf, PadCrossEntropyLossFlat) and g.loss_rows is not None
         s += f"\n  loss: {f'leaves out columns {list(g.loss_rows)}' if pad_aware else f'{type(lf).__name__}, the pad logit stays in its softmax'}"
-        s += f"\n  fused: {self._fused_line(g)}"
+        fo = next((c for c in self.learn.cbs if isinstance(c, FusedOutput)), None)
+        s += f"\n  fused: {fused_note(self.learn, g, self.chunk if fo is None else fo.chunk, fo) if self.fused or fo else 'off (fused=False): the output layer computes the logits and the loss scores them'}"
         return s + ''.join(f"\n  note: {n}" for n in g.notes + ([self.loss_note] if self.loss_note else []))
+
+# %% ../nbs/01_core.ipynb #c004e
+class FusedBatch:
+    "fastai's work on one training batch with the fused output layer installed for it alone, taken off in `finally`"
+    def __init__(self,
+        learn:Learner, # The learner whose `_do_one_batch` it stands in for, during a fit
+        fused:FusedOutput, # The callback whose `head` (a `FusedHead`, or `None`) it installs
+    ): store_attr()
+    def __call__(self):
+        learn, head = self.learn, self.fused.head if self.fused.learn is self.learn else None  # the callback removed: plain fastai
+        if head is None or not learn.training: return type(learn)._do_one_batch(learn)
+        head.install()
+        try: return type(learn)._do_one_batch(learn)
+        except BaseException as e:
+            if not isinstance(e, _CANCELS): self.fused.after_fit()  # an interrupt ends the fit without `after_fit`
+            raise
+        finally: head.remove()  # fastai runs no event on an interrupt: a `finally` is the one place that always runs
+
+def fused_note(learn:Learner, # The learner
+               g:Guarded, # What the guard found
+               chunk:int|None=None, # Tokens per chunk
+               fused:FusedOutput|None=None, # The learner's `FusedOutput`, if it has one (it knows whether the logits were read)
+              )->str:
+    "Whether the training logits are computed in chunks inside the loss, and why not: the `fused:` line of `learn.pad_guard`"
+    head, why = fused_head(learn.model, _ce(learn.loss_func), g, chunk)
+    if head is None: return f"off: {why}, so the logits are computed as usual"
+    names = {m:n for n,m in learn.model.named_modules()}
+    s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "
+         f"{f'{chunk} tokens at a time' if chunk else 'in chunks of at most 64 MiB of logits'} (padguard(fused=False) turns it off)")
+    if fused is not None and fused.logits_computed:
+        s += "; something read the training logits (a metric with train_metrics=True, a callback), so they were computed for it"
+    return s
+
+class FusedOutput(Callback):
+    "In training, run the output layer the guard found inside `PadCrossEntropyLossFlat`, in chunks: the logits are never held whole"
+    order = PadGuard.order + 1  # at the first training batch, the guard has found this fit's output layer
+    def __init__(self,
+        chunk:int|None=None, # Tokens per chunk; by default chunks of at most 64 MiB of float32 logits
+    ): self.chunk,self.head,self.why,self.logits_computed,self._decided = check_chunk(chunk),None,None,False,False
+
+    def before_fit(self):
+        "Stand in for the learner's batch work for this fit (fastai reads it before `before_batch`)"
+        self.after_fit()  # a fit that was interrupted (fastai skips after_fit then) may have left it on
+        self.logits_computed, self._decided = False, False
+        self.learn._do_one_batch = FusedBatch(self.learn, self)
+
+    def before_batch(self):
+        "At the first training batch: decide, from the guard's resolution, whether the output layer can run inside the loss"
+        if not self.training or self._decided: return
+        guard = getattr(self.learn, 'pad_guard', None)
+        g = getattr(guard, 'resolution', None)
+        self.head, self.why = (None, "no PadGuard found the output layer") if g is None else fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
+        self._decided = True
+
+    def after_loss(self):
+        "The fused output layer is only for the loss of a training batch: anything after it gets the layer's own forward"
+        if self.head is not None: self.head.on = False
+
+    def before_step(self):
+        "Logits nobody read yet will be computed from the weights the loss saw: the step is about to change them"
+        if self.head is not None: self.head.keep_weights()
+
+    def after_fit(self):
+        "Give the output layer and the learner their own `forward` and batch work back"
+        if self.head is not None:
+            self.logits_computed = self.logits_computed or self.head.computed
+            self.head.remove(); self.head = None
+        if self.learn is not None and isinstance(self.learn.__dict__.get('_do_one_batch'), FusedBatch): del self.learn._do_one_batch
+
+    def __getstate__(self): return {**self.__dict__, 'head': None, '_decided': False}

@@ -16,7 +16,7 @@ from .ce import PadCrossEntropy, masked_ce, masked_ce_grad
 from math import inf
 
 # %% auto #0
-__all__ = ['CHUNK_BYTES', 'autocast_state', 'FusedLogits', 'chunk_rows', 'FusedHead', 'fused_head']
+__all__ = ['CHUNK_BYTES', 'autocast_state', 'FusedLogits', 'check_chunk', 'chunk_rows', 'FusedHead', 'fused_head']
 
 # %% ../nbs/02a_fused.ipynb #c005
 def autocast_state(device_type:str)->tuple:
@@ -110,6 +110,13 @@ class FusedLogits(Tensor):
 
 # %% ../nbs/02a_fused.ipynb #c007
 CHUNK_BYTES = 64 * 2**20
+
+def check_chunk(chunk, # Tokens per chunk as the user gave it, or `None`
+               )->int|None:
+    "`chunk`, checked: an int >= 1, or `None` (sized from the vocab)"
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"chunk={chunk!r}: pass a number of tokens per chunk (an int >= 1), or None to size chunks from the vocab")
+    return chunk
 
 def chunk_rows(n:int, # Tokens in the batch
                vocab:int, # Columns of the logits

@@ -35,7 +35,7 @@ def padguard(self:Learner,
         owned = getattr(getattr(self, 'pad_guard', None), 'pad_loss', None)  # the loss an earlier padguard() built
         new_loss, note = _new_loss(self.loss_func, loss, g, owned)
     finally: cb.learn = None
-    self.remove_cbs(self.cbs.filter(lambda o: isinstance(o, PadGuard)))
+    self.remove_cbs(self.cbs.filter(lambda o: isinstance(o, (PadGuard, FusedOutput))))  # the new guard brings its own fused head
     self.add_cb(cb)
     if new_loss is not self.loss_func or new_loss is owned: cb.pad_loss = new_loss  # its rows follow the guard's at every fit
     self.loss_func, cb.loss_note = new_loss, note

@@ -89,8 +89,8 @@ def test_cancel_at_each_event(lm, mode, event, exc):
 
 def test_write_back_is_what_holds_the_rows(lm, monkeypatch):
     "Control: with the step's write-back disabled, optimizer state from an unguarded fit moves the zeroed rows"
-    import fastai_padguard.core as core
-    monkeypatch.setattr(core.GuardedStep, '__call__', lambda self, *a, **k: self.step(*a, **k))
+    import fastai_padguard.ops as ops
+    monkeypatch.setattr(ops.GuardedStep, '__call__', lambda self, *a, **k: self.step(*a, **k))
     learn = pretrained(lm, True).padguard(extra_idxs=[29, 30, 31])
     rec = EveryStep(expected(learn, 'zero'))
     learn.fit(1, 1e-2, cbs=rec)

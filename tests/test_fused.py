@@ -167,7 +167,7 @@ def test_family_training_step_equals_unfused(kind):
     assert rel_err(sa.loss, sb.loss) <= 1e-10
     assert sa.grads.keys() == sb.grads.keys()
     for k in sb.grads: assert rel_err(sa.grads[k], sb.grads[k]) <= 1e-11, k
-    assert not a.pad_guard.logits_computed
+    assert not a.fused_output.logits_computed
     assert all('forward' not in m.__dict__ for m in a.model.modules()), "the layer's own forward is back after the fit"
 
 @pytest.mark.parametrize('kind', ['awd-tied', 'gpt2-untied'])
@@ -211,7 +211,7 @@ def test_train_metrics_get_the_logits():
     learn.fit(1, 1e-2)
     vals = learn.recorder.values[-1]
     assert 0 <= vals[1] <= 1
-    assert learn.pad_guard.logits_computed and 'something read the training logits' in repr(learn.pad_guard)
+    assert learn.fused_output.logits_computed and 'something read the training logits' in repr(learn.pad_guard)
 
 class PredReader(Callback):
     "Reads `learn.pred` of each training batch at `event` (after the optimizer's step): the loss it gives, and the logits"
