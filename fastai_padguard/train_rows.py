@@ -7,170 +7,34 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/train_rows.html.md"""
 # %% ../nbs/04a_train_rows.ipynb #c003
 from __future__ import annotations
 from fastai.basics import *
-from fastai.text.models.awdlstm import EmbeddingDropout, dropout_mask
-from .rows import Guarded, rows_on, check_idx, text_vocabs
+from fastai.text.models.awdlstm import EmbeddingDropout
+from torch.overrides import TorchFunctionMode
+from .rows import rows_on, check_idx, text_vocabs
+from .rowparams import TrainedRows, install_rows, put_rows
 from .core import PadGuard
 from .learner import padguard, unchanged_on_error
 
 # %% auto #0
-__all__ = ['train_rows', 'RowParam', 'TrainedRows', 'RowTrainer', 'new_rows', 'added_rows', 'row_trainer']
+__all__ = ['train_rows', 'RowTrainer', 'new_rows', 'added_rows', 'row_trainer']
 
 # %% ../nbs/04a_train_rows.ipynb #c005
-class _Slots:
-    "Where each id's row sits among the chosen `rows` (-1: not chosen), per device, worked out once"
-    def __init__(self, rows:tuple, n:int): self.rows,self.n,self._on = rows,n,{}
-    def __call__(self, device)->Tensor:
-        if device not in self._on:
-            s = torch.full((self.n,), -1, dtype=torch.long)
-            s[list(self.rows)] = torch.arange(len(self.rows))
-            self._on[device] = s.to(device)
-        return self._on[device]
-    def __getstate__(self): return {**self.__dict__, '_on': {}}
-
-def _put_rows(out:Tensor, ids:Tensor, slots:_Slots, vals:Tensor)->Tensor:
-    "`out` (a lookup of `ids`) with the vectors of chosen ids taken from `vals` (the chosen rows, in order)"
-    s = slots(ids.device)[ids]
-    v = vals.index_select(0, s.clamp_min(0).reshape(-1)).reshape(*s.shape, -1)  # not F.embedding: the resolver reads those as tables
-    return torch.where((s >= 0).unsqueeze(-1), v.to(out.dtype), out)
-
-class _LookupHook:
-    "Forward hook of an `nn.Embedding` whose chosen rows train"
-    def __init__(self, slots, vals): self.slots,self.vals = slots,vals
-    def __call__(self, m, args, out): return _put_rows(out, args[0], self.slots, self.vals)
+class _Masks(TorchFunctionMode):
+    "Records the row masks fastai's `dropout_mask` draws (`bernoulli_`), as they are once the forward has scaled them in place"
+    def __init__(self): super().__init__(); self.masks = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        res = func(*args, **(kwargs or {}))
+        if func is Tensor.bernoulli_: self.masks.append(res)
+        return res
 
 class _RowsEmbeddingDropout:
-    "fastai's `EmbeddingDropout.forward` (its code: its row mask must drop the chosen rows too) with the chosen rows in place"
+    "fastai's own `EmbeddingDropout.forward`, run as it is, then the chosen rows put in place with the row mask it drew and its `scale`"
     def __init__(self, mod, slots, vals): self.mod,self.slots,self.vals = mod,slots,vals
     def __call__(self, words, scale=None):
         m, vals = self.mod, self.vals
-        if m.training and m.embed_p != 0:
-            mask = dropout_mask(m.emb.weight.data, (m.emb.weight.size(0),1), m.embed_p)
-            masked_embed = m.emb.weight * mask
-            vals = vals * mask.index_select(0, rows_on(self.slots.rows, mask.device))  # rows worked out once per device
-        else: masked_embed = m.emb.weight
-        if scale: masked_embed = masked_embed * scale; vals = vals * scale
-        out = F.embedding(words, masked_embed, ifnone(m.emb.padding_idx, -1), m.emb.max_norm, m.emb.norm_type,
-                          m.emb.scale_grad_by_freq, m.emb.sparse)
-        return _put_rows(out, words, self.slots, vals)
-
-class _HeadHook:
-    "Forward hook of an `nn.Linear` output layer: the chosen columns of its logits from the chosen rows (and bias entries)"
-    def __init__(self, rows, w, b): self.rows,self.w,self.b = rows,w,b
-    def __call__(self, m, args, out):
-        b = self.b if self.b is not None or m.bias is None else m.bias.index_select(0, rows_on(self.rows, m.bias.device))
-        vals = F.linear(args[0], self.w, b)
-        return out.index_copy_(-1, rows_on(self.rows, out.device), vals.to(out.dtype))
-
-# %% ../nbs/04a_train_rows.ipynb #c006
-class RowParam:
-    "One frozen parameter while rows train: its `names`, the `param`, the `values` parameter holding its chosen rows, registered as `attr` on `owner`"
-    def __init__(self,
-        names:str, # The frozen parameter's names in the model, tied names joined by ' = '
-        param:Tensor, # The frozen parameter (a token table, an untied output layer, or its bias)
-        values:nn.Parameter, # The chosen rows of it, the parameter that trains
-        owner:nn.Module, # The module `values` is registered on (the one holding `param`)
-        attr:str, # The name `values` has there: `<param's attribute>_trained_rows`
-    ): store_attr()
-
-    def merged(self, rows:tuple)->Tensor:
-        "`param` as the model uses it: the chosen `rows` taken from `values` (a new tensor)"
-        w = self.param.detach().clone()
-        w.index_copy_(0, rows_on(rows, w.device), self.values.detach().to(w.dtype))
-        return w
-
-class TrainedRows:
-    "What trains: the chosen `rows`, a `RowParam` per frozen parameter, and the hooks that put the rows in place"
-    def __init__(self,
-        rows:tuple, # The chosen row indices, sorted
-        params:list, # A `RowParam` per frozen parameter
-        hooks:list, # The handles of the forward and state-dict hooks
-        forwards:list, # The modules whose `forward` was replaced
-    ): store_attr()
-    def of(self, p:Tensor)->RowParam|None:
-        "The `RowParam` of frozen parameter `p`, or `None`"
-        return next((rp for rp in self.params if rp.param is p), None)
-    def undo(self):
-        "Take the hooks, forwards and rows' parameters off the model: `_install` in reverse"
-        for h in self.hooks: h.remove()
-        for m in self.forwards: m.__dict__.pop('forward', None)
-        for rp in self.params: rp.owner._parameters.pop(rp.attr, None)
-    def __repr__(self): return f"rows {list(self.rows)} of " + ', '.join(rp.names for rp in self.params)
-
-class _SaveMerged:
-    "A state-dict hook: under the frozen parameter's own name, the table as the model uses it; the rows' parameter left out"
-    def __init__(self, rows, rp, key): self.rows,self.rp,self.key = rows,rp,key
-    def __call__(self, module, sd, prefix, local_metadata):
-        if prefix + self.key in sd: sd[prefix + self.key] = self.rp.merged(self.rows)
-        if module is self.rp.owner: sd.pop(prefix + self.rp.attr, None)
-        return sd
-
-class _LoadRows:
-    "A load pre-hook: a checkpoint saved without the rows' parameter gives it its rows from the table"
-    def __init__(self, rows, rp, key): self.rows,self.rp,self.key = rows,rp,key
-    def __call__(self, sd, prefix, *args):
-        k, kv = prefix + self.key, prefix + self.rp.attr
-        if kv not in sd and k in sd: sd[kv] = sd[k][list(self.rows)]
-
-def _state_hooks(model, rows, rp)->list:
-    "Hooks so that `state_dict()` (`learn.save`, `save_pretrained`) holds each table with its trained rows, as plain fastai saves it"
-    res = []
-    for m in model.modules():
-        for k,q in m._parameters.items():
-            if q is not rp.param: continue
-            res.append(m._register_state_dict_hook(_SaveMerged(rows, rp, k)))
-            if m is rp.owner: res.append(m._register_load_state_dict_pre_hook(_LoadRows(rows, rp, k)))
-    return res
-
-def _owner(model, p):
-    "The module that holds parameter `p` directly, and its attribute name"
-    for m in model.modules():
-        for k,q in m._parameters.items():
-            if q is p: return m, k
-    raise ValueError("parameter not found in the model")
-
-def _check_install(model, g, rows):
-    "Every reason `_install` can't train `rows` of this model, raised before anything changes: `(tables, outs, bias)` `Target`s"
-    names = {m:n for n,m in model.named_modules()}
-    tables = [t for t in g.targets if id(t.param) in g.lookups and t.dim == 0]
-    if not tables: raise ValueError("train_rows needs to see the model look up its token table in a batch (the guard found it by names): "
-                                    "check that learn.dls gives batches the model runs on")
-    head = g.head
-    outs = [t for t in g.targets if t.param.dim()==2 and id(t.param) not in g.lookups and t.dim == 0 and not t.how.startswith('PEFT')]
-    bias = [t for t in g.targets if t.param.dim()==1]
-    if (outs or bias) and (head is None or type(head).forward is not nn.Linear.forward):
-        raise ValueError(f"train_rows keeps the chosen rows of an output layer in place with a hook on an nn.Linear; this model's output layer "
-                         f"({type(head).__name__ if head is not None else 'not one layer'}) is not one")
-    for t in tables + outs + bias:
-        if rows[-1] >= t.param.shape[0]: raise ValueError(f"Row {rows[-1]} is out of range for '{t.names}' with {t.param.shape[0]} rows")
-    for t in tables:
-        for m in g.lookups[id(t.param)]:
-            if not (isinstance(m, EmbeddingDropout) and m.emb.weight is t.param or isinstance(m, nn.Embedding) and m.weight is t.param
-                    and type(m).forward is nn.Embedding.forward):
-                raise ValueError(f"train_rows puts the chosen rows in place where the table is looked up, in an nn.Embedding or fastai's "
-                                 f"EmbeddingDropout; '{names.get(m, '?')}' ({type(m).__name__}) looks it up otherwise")
-    return tables, outs, bias
-
-def _install(model:nn.Module, g:Guarded, rows:tuple)->TrainedRows:
-    "Give each token table, the output layer and its bias a parameter holding their chosen `rows`, and hook it in"
-    tables, outs, bias = _check_install(model, g, rows)
-    params, hooks, forwards = [], [], []
-    for t in tables + outs + bias:
-        owner, attr = _owner(model, t.param)
-        rp = RowParam(t.names, t.param, nn.Parameter(t.param.detach()[list(rows)].clone()), owner, f'{attr}_trained_rows')
-        owner.register_parameter(rp.attr, rp.values)
-        params.append(rp)
-        hooks += _state_hooks(model, rows, rp)
-    tr = TrainedRows(rows, params, hooks, forwards)
-    for t in tables:
-        slots, vals = _Slots(rows, t.param.shape[0]), tr.of(t.param).values
-        for m in g.lookups[id(t.param)]:
-            if isinstance(m, EmbeddingDropout): m.forward = _RowsEmbeddingDropout(m, slots, vals); forwards.append(m)
-            else: hooks.append(m.register_forward_hook(_LookupHook(slots, vals)))
-    head = g.head
-    if head is not None and tr.of(head.weight) is not None:
-        b = None if head.bias is None or tr.of(head.bias) is None else tr.of(head.bias).values
-        hooks.append(head.register_forward_hook(_HeadHook(rows, tr.of(head.weight).values, b)))
-    return tr
+        with _Masks() as rec: out = type(m).forward(m, words, scale)
+        if rec.masks: vals = vals * rec.masks[-1].index_select(0, rows_on(self.slots.rows, vals.device))  # the mask of the table's rows
+        if scale: vals = vals * scale
+        return put_rows(out, words, self.slots, vals)
 
 # %% ../nbs/04a_train_rows.ipynb #c007
 class RowTrainer(Callback):
@@ -236,7 +100,7 @@ def train_rows(self:Learner,
         guarded = sorted({r for t in g.targets for r in t.rows} & set(rows))
         if guarded: raise ValueError(f"Rows {guarded} are guarded (the pad, or 'xxfake' rows): PadGuard keeps them {self.pad_guard.mode}; "
                                      "leave them out of rows")
-        tr = _install(self.model, g, rows)
+        tr = install_rows(self.model, g, rows, lookups={EmbeddingDropout: _RowsEmbeddingDropout})
     self.opt = None  # the next fit builds an optimizer with the rows' parameters, and without the frozen tables
     cb = RowTrainer(tr)
     self.add_cb(cb)

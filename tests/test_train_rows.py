@@ -278,3 +278,19 @@ def test_save_pretrained_while_rows_train_holds_them(tmp_path):
     for k in ('model.embed_tokens.weight', 'lm_head.weight'):
         assert torch.equal(dict(m2.named_parameters())[k], used[k]), k
         assert not torch.equal(used[k][rows], learn.model.get_parameter(k)[rows]), "control: the table itself holds the untrained rows"
+
+@pytest.mark.parametrize('scale', [None, 0.5])
+def test_embedding_dropout_is_fastais_own_with_the_rows_in_the_table(lm, scale):
+    "With row dropout on, the lookup equals, bitwise, fastai's EmbeddingDropout on a table holding the trained rows (same RNG)"
+    from fastai.text.models.awdlstm import EmbeddingDropout
+    learn = lm(); learn.train_rows([5, 6])
+    ed = learn.model[0].encoder_dp; ed.embed_p = 0.5; ed.train()
+    rt = learn.cbs.filter(lambda c: isinstance(c, RowTrainer))[0]
+    with torch.no_grad(): rt.trained.of(ed.emb.weight).values.mul_(3)   # the rows have trained away from the table's copy
+    ref = EmbeddingDropout(nn.Embedding(32, 32, padding_idx=1), 0.5); ref.train()
+    with torch.no_grad(): ref.emb.weight.copy_(learn.model.state_dict()['0.encoder.weight'])
+    ids = torch.tensor([[5, 6, 7, 1, 5, 20, 6]])
+    for seed in range(4):
+        torch.manual_seed(seed); a = ed(ids, scale)
+        torch.manual_seed(seed); b = ref(ids, scale)
+        assert torch.equal(a, b), seed
