@@ -103,3 +103,23 @@ def test_library_never_imports_transformers():
     out = subprocess.run([sys.executable, '-c', 'import sys, fastai_padguard.all; print("transformers" in sys.modules)'],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == 'False'
+
+CORE = ['trace', 'rows', 'ce', 'fused', 'ops', 'rowparams']
+
+def test_the_core_needs_no_fastai():
+    "The mechanisms import nothing from fastai: they import and run with fastai (and fastcore) blocked"
+    import ast
+    for m in CORE:
+        tree = ast.parse((ROOT/'fastai_padguard'/f'{m}.py').read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0]
+        assert not [n for n in names if n.split('.')[0] in ('fastai', 'fastcore')], (m, names)
+    block = "import sys; [sys.modules.__setitem__(m, None) for m in ('fastai', 'fastcore', 'accelerate', 'transformers', 'peft')]; "
+    code = block + ''.join(f'import fastai_padguard.{m}; ' for m in CORE) + 'print("ok")'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.stdout.strip() == 'ok', out.stderr[-2000:]
+
+def test_no_module_is_over_350_lines():
+    "Each module holds one idea"
+    for f in (ROOT/'fastai_padguard').glob('*.py'):
+        if f.name != '_modidx.py': assert len(f.read_text().splitlines()) <= 350, f.name
