@@ -97,7 +97,7 @@ class PadGuard(Callback):
         emb:nn.Module|str|list|None=None, # Token table(s) to guard: a module, its dotted name in the model, or a list; found by default
         out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
         fused:bool=True, # Also train with a `FusedOutput` (added at fit start if the learner has none): the logits never held whole
-        chunk:int|None=None, # Tokens per chunk of that fused pass; by default chunks of at most 64 MiB of float32 logits
+        chunk:int|None=None, # Tokens per chunk of that fused pass; by default from the sizes (`chunk_rows`: dim/2 to 2 x dim tokens, at most 64 MiB of logits where that fits)
     ):
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
@@ -231,7 +231,7 @@ def fused_note(learn:Learner, # The learner
     if head is None: return f"off: {why}, so the logits are computed as usual"
     names = {m:n for n,m in learn.model.named_modules()}
     s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "
-         f"{f'{chunk} tokens at a time' if chunk else 'in chunks of at most 64 MiB of logits'} (padguard(fused=False) turns it off)")
+         f"{f'{chunk} tokens at a time' if chunk else 'in chunks of dim/2 to 2 x dim tokens'} (padguard(fused=False) turns it off)")
     if fused is not None and fused.logits_computed:
         s += "; something read the training logits (a metric with train_metrics=True, a callback), so they were computed for it"
     return s
@@ -240,7 +240,7 @@ class FusedOutput(Callback):
     "In training, run the output layer the guard found inside `PadCrossEntropyLossFlat`, in chunks: the logits are never held whole"
     order = PadGuard.order + 1  # at the first training batch, the guard has found this fit's output layer
     def __init__(self,
-        chunk:int|None=None, # Tokens per chunk; by default chunks of at most 64 MiB of float32 logits
+        chunk:int|None=None, # Tokens per chunk; by default from the sizes (`chunk_rows`: dim/2 to 2 x dim tokens, at most 64 MiB of logits where that fits)
     ): self.chunk,self.head,self.why,self.logits_computed,self._decided = check_chunk(chunk),None,None,False,False
 
     def before_fit(self):

@@ -156,7 +156,7 @@ def row_audit(learn:Learner, # A learner with a text model
     "Rows of the token tables and output layer that look untrained, and rows whose ids the data never holds"
     guard = getattr(learn, 'pad_guard', None)
     g = guard.current_resolution() if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), scored=learner_scored(learn))
-    ts = [t for t in g.targets if t.param.dim()==2 and t.dim==0 and not t.how.startswith('PEFT')]
+    ts = [t for t in g.targets if t.role in ('table', 'head') and t.dim==0]
     n = max(t.param.shape[0] for t in ts)
     counts = torch.zeros(n, dtype=torch.long)
     def add(x):
@@ -185,7 +185,7 @@ def init_untrained_rows(learn:Learner, # A learner with a text model
                        )->dict:
     "Set each untrained row to the mean of its table's trained rows, as Unsloth's `fix_untrained_tokens` does; returns `{names: rows set}`"
     audit = audit or row_audit(learn, max_batches=0)
-    done, rt = {}, row_trainer(learn)
+    done, rt, writes = {}, row_trainer(learn), []
     with torch.no_grad():
         for n,rows in audit.untrained.items():
             if not rows: continue
@@ -197,7 +197,8 @@ def init_untrained_rows(learn:Learner, # A learner with a text model
             trained = [i for i in range(p.shape[0]) if i not in left]
             if not trained: raise ValueError(f"'{n}': every row looks untrained (largest |value| <= {audit.threshold}), so there is no mean to start from")
             mean = w[trained].mean(0).to(p.dtype)
-            if [r for r in rows if r not in chosen]: p[[r for r in rows if r not in chosen]] = mean
-            if [r for r in rows if r in chosen]: rp.values[[chosen.index(r) for r in rows if r in chosen]] = mean.to(rp.values.dtype)
+            if [r for r in rows if r not in chosen]: writes.append((p, [r for r in rows if r not in chosen], mean))
+            if [r for r in rows if r in chosen]: writes.append((rp.values, [chosen.index(r) for r in rows if r in chosen], mean.to(rp.values.dtype)))
             done[n] = rows
+        for dest, idx, v in writes: dest[idx] = v  # only once every table was worked out: a refusal changes nothing
     return done

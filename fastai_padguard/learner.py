@@ -24,7 +24,7 @@ def padguard(self:Learner,
     emb:nn.Module|str|list|None=None, # Token table(s) to guard: a module, its dotted name in the model, or a list; found by default
     out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab: a module, its dotted name, or a list; found by default
     fused:bool=True, # In training, run the output layer inside the loss in chunks, never holding the logits whole (see [fused](fused.html))
-    chunk:int|None=None, # Tokens per chunk of the fused pass; by default chunks of at most 64 MiB of float32 logits
+    chunk:int|None=None, # Tokens per chunk of the fused pass; by default from the sizes (`chunk_rows`: dim/2 to 2 x dim tokens, at most 64 MiB of logits where that fits)
 )->Learner:
     "Guard the pad (and `extra_idxs`) rows with `PadGuard` and, for a language model, leave them out of the loss's softmax"
     if loss not in (None, True, False): raise ValueError(f"loss={loss!r}: pass None (swap for a language model), True (always) or False (never)")

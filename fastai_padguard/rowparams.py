@@ -125,12 +125,12 @@ def check_install(model:nn.Module, # The model
                  )->tuple:
     "Every reason `install_rows` can't train `rows` of this model, raised before anything changes; else `(tables, outs, bias)` `Target`s"
     names = {m:n for n,m in model.named_modules()}
-    tables = [t for t in g.targets if id(t.param) in g.lookups and t.dim == 0]
+    tables = [t for t in g.targets if t.role == 'table' and t.dim == 0 and id(t.param) in g.lookups]
     if not tables: raise ValueError("train_rows needs to see the model look up its token table in a batch (the guard found it by names): "
                                     "check that learn.dls gives batches the model runs on")
     head = g.head
-    outs = [t for t in g.targets if t.param.dim()==2 and id(t.param) not in g.lookups and t.dim == 0 and not t.how.startswith('PEFT')]
-    bias = [t for t in g.targets if t.param.dim()==1]
+    outs = [t for t in g.targets if t.role == 'head']
+    bias = [t for t in g.targets if t.role == 'bias']
     if (outs or bias) and (head is None or type(head).forward is not nn.Linear.forward):
         raise ValueError(f"train_rows keeps the chosen rows of an output layer in place with a hook on an nn.Linear; this model's output layer "
                          f"({type(head).__name__ if head is not None else 'not one layer'}) is not one")

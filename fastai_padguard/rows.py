@@ -25,6 +25,7 @@ class Target:
     rows:tuple # Its guarded rows, sorted
     how:str # How it was found: by the batch's evidence, by name and size, or named with `emb=`/`out=`
     dim:int=0 # The axis the token ids index: 0 for a table, 1 for a LoRA `lora_embedding_A` (looked up through its transpose)
+    role:str='table' # 'table' (token ids index it; a tied head too), 'head' (an output layer's own weight), 'bias', or 'delta' (PEFT trainable tokens)
     def index(self)->Tensor:
         "The rows as a long tensor on the parameter's device (made once per device)"
         return rows_on(self.rows, self.param.device)
@@ -103,7 +104,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     targets = {}
     for p,how,bias,is_out in [(w,h,None,False) for w,h in tables] + [(w,h,b,True) for w,h,b in outs]:
         pad,rows = rows_of(p, is_out)
-        for t in _targets(model, p, rows, how, pnames, names, pad, bias, ev.dims.get(id(p), 0) if ev is not None else 0):
+        for t in _targets(model, p, rows, how, pnames, names, pad, bias, ev.dims.get(id(p), 0) if ev is not None else 0, 'head' if is_out else 'table'):
             targets.setdefault(id(t.param), t)
     louts = {rows_of(p, True) for p,_,_ in outs}
     lpad,lrows = next(iter(louts)) if len(louts)==1 else (rows_of(tables[0][0], False)[0], None)
@@ -329,19 +330,19 @@ def _param_names(model:nn.Module)->dict:
     for n,p in model.named_parameters(remove_duplicate=False): res.setdefault(id(p), []).append(n)
     return res
 
-def _targets(model, p, rows, how, pnames, names, pad, bias=None, dim=0)->list:
+def _targets(model, p, rows, how, pnames, names, pad, bias=None, dim=0, role='table')->list:
     "The `Target`s for table or output weight `p` (its `dim` indexed by token ids): itself, its `bias`, and the PEFT trainable-tokens rows that stand in for its rows"
     name = ' = '.join(pnames.get(id(p), ['?']))
     _check_rows(name, p.shape[dim], rows)
     for e in model.modules():
         if isinstance(e, EMB_TYPES) and e.weight is p: _check_emb(names[e], e, pad, rows)
-    res = [Target(name, p, rows, how, dim)]
-    if isinstance(bias, nn.Parameter): res.append(Target(' = '.join(pnames.get(id(bias), ['?'])), bias, rows, f'the bias of a layer that {how}'))
+    res = [Target(name, p, rows, how, dim, role)]
+    if isinstance(bias, nn.Parameter): res.append(Target(' = '.join(pnames.get(id(bias), ['?'])), bias, rows, f'the bias of a layer that {how}', role='bias'))
     for m in model.modules():
         if hasattr(m, 'trainable_tokens_delta') and getattr(getattr(m, 'base_layer', None), 'weight', None) is p:
             for a,idx in getattr(m, 'token_indices', {}).items():
                 if a not in m.trainable_tokens_delta: continue
                 d = m.trainable_tokens_delta[a]
                 drows = tuple(j for j,t in enumerate(idx) if t in rows)
-                if drows: res.append(Target(' = '.join(pnames.get(id(d), ['?'])), d, drows, f"PEFT trainable tokens {[idx[j] for j in drows]} of {name}"))
+                if drows: res.append(Target(' = '.join(pnames.get(id(d), ['?'])), d, drows, f"PEFT trainable tokens {[idx[j] for j in drows]} of {name}", role='delta'))
     return res
