@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastai.basics import *
 from .rows import *
 from .losses import PadCrossEntropyLossFlat
-from .fused import fused_head, check_chunk
+from .fused import Fusion, fused_head, check_chunk
 from .ops import RowKeeper, guard_step, unguard_step
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
@@ -227,8 +227,9 @@ def fused_note(learn:Learner, # The learner
                fused:FusedOutput|None=None, # The learner's `FusedOutput`, if it has one (it knows whether the logits were read)
               )->str:
     "Whether the training logits are computed in chunks inside the loss, and why not: the `fused:` line of `learn.pad_guard`"
-    head, why = fused_head(learn.model, _ce(learn.loss_func), g, chunk)
-    if head is None: return f"off: {why}, so the logits are computed as usual"
+    f = fused_head(learn.model, _ce(learn.loss_func), g, chunk)
+    if f.head is None: return f"off: {f.why}, so the logits are computed as usual"
+    head = f.head
     names = {m:n for n,m in learn.model.named_modules()}
     s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "
          f"{f'{chunk} tokens at a time' if chunk else 'in chunks of dim/2 to 2 x dim tokens'} (padguard(fused=False) turns it off)")
@@ -254,7 +255,8 @@ class FusedOutput(Callback):
         if not self.training or self._decided: return
         guard = getattr(self.learn, 'pad_guard', None)
         g = getattr(guard, 'resolution', None)
-        self.head, self.why = (None, "no PadGuard found the output layer") if g is None else fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
+        f = Fusion(None, "no PadGuard found the output layer") if g is None else fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
+        self.head, self.why = f.head, f.why
         self._decided = True
 
     def after_loss(self):

@@ -7,6 +7,7 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/fused.html.md"""
 # %% ../nbs/02a_fused.ipynb #c003
 from __future__ import annotations
 import math, weakref
+from dataclasses import dataclass
 from functools import partial
 import torch
 from torch import nn, Tensor
@@ -16,7 +17,7 @@ from .ce import PadCrossEntropy, masked_ce, masked_ce_grad
 from math import inf
 
 # %% auto #0
-__all__ = ['CHUNK_BYTES', 'autocast_state', 'FusedLogits', 'check_chunk', 'chunk_rows', 'FusedHead', 'fused_head']
+__all__ = ['CHUNK_BYTES', 'autocast_state', 'FusedLogits', 'check_chunk', 'chunk_rows', 'FusedHead', 'Fusion', 'fused_head']
 
 # %% ../nbs/02a_fused.ipynb #c005
 def autocast_state(device_type:str)->tuple:
@@ -129,7 +130,15 @@ def chunk_rows(n:int, # Tokens in the batch
     c = max(1, c)
     return math.ceil(n / math.ceil(n / c))
 
-def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None):
+@dataclass(eq=False)
+class _Pass:
+    "What one pass over the chunks gives: the `loss`, and the gradients of h, the weight and the bias (`None` where not asked)"
+    loss:Tensor
+    gh:Tensor|None
+    gw:Tensor|None
+    gb:Tensor|None
+
+def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None)->_Pass:
     "Loss and gradients of `func(fns(h @ w.T + b), t)`, `n` tokens at a time in one reused buffer; `go`: a gradient per token"
     cd = cast[1] if cast[0] else h.dtype  # the dtype the layer computes in: autocast's, or its own
     idx = func.index(h.device)
@@ -173,7 +182,7 @@ def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None):
             if gb is not None:
                 if s == 0: torch.sum(dz, 0, dtype=gb.dtype, out=gb)
                 else: gb += dz.sum(0).to(gb.dtype)
-    return (torch.cat(losses) if func.reduction=='none' else torch.stack(losses).sum()), gh, gw, gb
+    return _Pass(torch.cat(losses) if func.reduction=='none' else torch.stack(losses).sum(), gh, gw, gb)
 
 class _FusedCE(torch.autograd.Function):
     "`PadCrossEntropyLossFlat` of `h @ w.T + b` in chunks; for 'mean' and 'sum' the gradients are worked out in the forward pass"
@@ -184,10 +193,11 @@ class _FusedCE(torch.autograd.Function):
         den = func.divisor(t, torch.promote_types(dt, torch.float32)) if func.reduction=='mean' else None
         if func.reduction == 'none':  # a gradient per token comes back: the pass runs again in backward with it
             ctx.save_for_backward(h, w, b, t); ctx.args = (func, fns, n, cast)
-            return _pass(h, w, b, t, func, fns, n, cast, den, (False,)*3)[0]
-        loss, ctx.gh, ctx.gw, ctx.gb = _pass(h, w, b, t, func, fns, n, cast, den, ctx.needs_input_grad[:3])
+            return _pass(h, w, b, t, func, fns, n, cast, den, (False,)*3).loss
+        r = _pass(h, w, b, t, func, fns, n, cast, den, ctx.needs_input_grad[:3])
+        ctx.gh, ctx.gw, ctx.gb = r.gh, r.gw, r.gb
         ctx.args = None
-        return loss
+        return r.loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -195,7 +205,8 @@ class _FusedCE(torch.autograd.Function):
         if ctx.args is not None:
             h, w, b, t = ctx.saved_tensors
             func, fns, n, cast = ctx.args
-            _, gh, gw, gb = _pass(h, w, b, t, func, fns, n, cast, None, ctx.needs_input_grad[:3], g)
+            r = _pass(h, w, b, t, func, fns, n, cast, None, ctx.needs_input_grad[:3], g)
+            gh, gw, gb = r.gh, r.gw, r.gb
         else:
             if not hasattr(ctx, 'gw'): raise RuntimeError("The fused loss hands out its gradients once, so it can't backpropagate twice "
                                                           "(retain_graph=True): train with learn.padguard(fused=False) for that")
@@ -237,17 +248,23 @@ class FusedHead:
 def _compiled(model)->bool:
     return getattr(model, '_orig_mod', None) is not None or any(getattr(m, '_compiled_call_impl', None) is not None for m in model.modules())
 
+@dataclass(eq=False)
+class Fusion:
+    "Whether the output layer can run inside the loss: the `head` to install, or `None` and `why` not"
+    head:FusedHead|None # The `FusedHead` for the output layer, or `None`
+    why:str|None=None # Why the logits must be computed as usual, when `head` is `None`
+
 def fused_head(model:nn.Module, # The learner's model
                loss, # The loss: a `PadCrossEntropy` (fastai's `PadCrossEntropyLossFlat` hands its own), or another, which can't be fused
                g:Guarded, # What the guard found in this model
                chunk:int|None=None, # Tokens per chunk; by default from the sizes
-              )->tuple:
-    "`(FusedHead, None)` for the output layer that `g` found, or `(None, why)` when the logits must be computed as usual"
-    if g.loss_rows is None: return None, "no output layer writes the token vocab (not a language model)"
-    if not isinstance(loss, PadCrossEntropy): return None, f"the loss is {type(loss).__name__}, not PadCrossEntropyLossFlat"
-    if g.head is None: return None, "no single linear layer was seen writing the logits the loss scores"
+              )->Fusion:
+    "A `Fusion`: the `FusedHead` for the output layer that `g` found, or why the logits must be computed as usual"
+    if g.loss_rows is None: return Fusion(None, "no output layer writes the token vocab (not a language model)")
+    if not isinstance(loss, PadCrossEntropy): return Fusion(None, f"the loss is {type(loss).__name__}, not PadCrossEntropyLossFlat")
+    if g.head is None: return Fusion(None, "no single linear layer was seen writing the logits the loss scores")
     if type(g.head).forward is not nn.Linear.forward:
-        return None, f"the output layer is a {type(g.head).__name__}, whose forward is not nn.Linear's (a LoRA or quantized layer?)"
-    if _compiled(model): return None, "the model is compiled (torch.compile), and the output layer's forward is inside its graph"
-    if g.head._forward_hooks: return None, "a forward hook on the output layer reads (or changes) its logits"
-    return FusedHead(g.head, chunk), None
+        return Fusion(None, f"the output layer is a {type(g.head).__name__}, whose forward is not nn.Linear's (a LoRA or quantized layer?)")
+    if _compiled(model): return Fusion(None, "the model is compiled (torch.compile), and the output layer's forward is inside its graph")
+    if g.head._forward_hooks: return Fusion(None, "a forward hook on the output layer reads (or changes) its logits")
+    return Fusion(FusedHead(g.head, chunk))

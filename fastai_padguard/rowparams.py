@@ -122,8 +122,8 @@ def check_install(model:nn.Module, # The model
                   g:Guarded, # What the guard found in it (from a batch: the lookups)
                   rows:tuple, # The chosen rows, sorted
                   lookups:dict|None=None, # `{module type: forward maker}` for lookups other than `nn.Embedding` (fastai's `EmbeddingDropout`)
-                 )->tuple:
-    "Every reason `install_rows` can't train `rows` of this model, raised before anything changes; else `(tables, outs, bias)` `Target`s"
+                 )->dict:
+    "Every reason `install_rows` can't train `rows` of this model, raised before anything changes; else the `Target`s by role"
     names = {m:n for n,m in model.named_modules()}
     tables = [t for t in g.targets if t.role == 'table' and t.dim == 0 and id(t.param) in g.lookups]
     if not tables: raise ValueError("train_rows needs to see the model look up its token table in a batch (the guard found it by names): "
@@ -141,7 +141,7 @@ def check_install(model:nn.Module, # The model
             if not (type(m) in (lookups or {}) or isinstance(m, nn.Embedding) and m.weight is t.param and type(m).forward is nn.Embedding.forward):
                 raise ValueError(f"train_rows puts the chosen rows in place where the table is looked up, in an nn.Embedding"
                                  f"{''.join(f' or a {k.__name__}' for k in lookups or {})}; '{names.get(m, '?')}' ({type(m).__name__}) looks it up otherwise")
-    return tables, outs, bias
+    return {'table': tables, 'head': outs, 'bias': bias}
 
 def install_rows(model:nn.Module, # The model
                  g:Guarded, # What the guard found in it (from a batch: the lookups)
@@ -149,7 +149,8 @@ def install_rows(model:nn.Module, # The model
                  lookups:dict|None=None, # `{module type: forward maker}` for lookups other than `nn.Embedding`: `maker(module, slots, values)`
                 )->TrainedRows:
     "Give each token table, the output layer and its bias a parameter holding their chosen `rows`, and hook it in; `TrainedRows.undo` takes it off"
-    tables, outs, bias = check_install(model, g, rows, lookups)
+    found = check_install(model, g, rows, lookups)
+    tables, outs, bias = found['table'], found['head'], found['bias']
     params, hooks, forwards = [], [], []
     for t in tables + outs + bias:
         owner, attr = _owner(model, t.param)
