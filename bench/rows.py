@@ -17,6 +17,7 @@ from step import StepTimer
 VARIANTS = ['PEFT TrainableTokens', 'train_rows (ours)', 'snapshot: whole table + PadGuard(freeze) of the others']
 
 class Logits(Callback):
+    pred_after_step = False  # reads learn.pred before the loss only
     def after_pred(self): self.learn.pred = self.pred.logits
 
 def make(args):

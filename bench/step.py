@@ -54,6 +54,7 @@ def _peak_rss(key='VmHWM:'):
 
 class StepTimer(Callback):
     "Time each training batch (a full step: forward, loss, backward, optimizer); optionally its peak memory"
+    pred_after_step = False  # reads no learn.pred: the fused path keeps no copy of the head's weight for it
     order = 100
     def __init__(self, cuda, memory=False): self.cuda,self.memory,self.times,self.peaks,self.growth,self.fb = cuda,memory,[],[],[],[]
     def before_validate(self): raise CancelValidException()  # only training steps are measured
@@ -79,6 +80,7 @@ class StepTimer(Callback):
 
 class SyncDebug(Callback):
     "Run each training batch (forward, loss, backward, guard, optimizer step) under torch.cuda.set_sync_debug_mode('warn')"
+    pred_after_step = False  # reads no learn.pred: the fused path keeps no copy of the head's weight for it
     order = -100  # first in before_batch; in after_batch before the Recorder, whose per-batch bookkeeping is fastai's, not a step's
     def __init__(self): self.steps, self.syncs = 0, []
     def before_validate(self): raise CancelValidException()
@@ -95,6 +97,7 @@ class SyncDebug(Callback):
 
 class ItemPerStep(Callback):
     "The control: a callback that syncs once per step, as `.item()` does"
+    pred_after_step = False  # reads no learn.pred: the fused path keeps no copy of the head's weight for it
     order = 50
     def after_backward(self): self.learn.loss_grad.item()
 

@@ -18,12 +18,21 @@ import numpy as np
 
 def _ce(lf): return lf.func if isinstance(lf, PadCrossEntropyLossFlat) else lf  # what the fused pass scores with
 
+from fastai.callback.progress import ProgressCallback, ShowGraphCallback, CSVLogger
+from fastai.callback.tracker import TrackerCallback
+from fastai.callback.rnn import RNNCallback, RNNRegularizer, ModelResetter
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientClip, GradientAccumulation
+from fastai.callback.schedule import ParamScheduler
+_NO_LATE_PRED = (TrainEvalCallback, ProgressCallback, ShowGraphCallback, CSVLogger, TrackerCallback, ParamScheduler, RNNCallback,
+                 RNNRegularizer, ModelResetter, MixedPrecision, GradientClip, GradientAccumulation, CastToTensor)  # fastai's, read no pred after the step
+
 _CANCELS = (CancelBatchException, CancelStepException, CancelBackwardException, CancelTrainException, CancelValidException,
             CancelEpochException, CancelFitException)  # fastai's own ways to end part of a fit: its events still run
 
 # %% auto #0
 __all__ = ['learn_vocab', 'learner_batch', 'learner_scored', 'pad_loss_rows', 'PadGuard', 'FusedBatch', 'fused_note',
-           'FusedOutput']
+           'reads_pred_late', 'FusedOutput']
 
 # %% ../nbs/01_core.ipynb #c003b
 def learn_vocab(learn, # A `Learner`
@@ -90,6 +99,7 @@ def pad_loss_rows(lf:Callable, # The learner's loss
 class PadGuard(Callback):
     "Keep the pad row (and `extra_idxs` rows) of token tables, output layers and their biases zeroed or frozen"
     order = 12  # DistributedTrainer.order + 1: after DDP wraps the model (fastai.distributed needs accelerate, not a dependency)
+    pred_after_step = False  # it reads no `learn.pred` (see `reads_pred_late`)
     def __init__(self,
         pad_idx:int|None=None, # The pad index; by default the vocab's 'xxpad', the HF config's `pad_token_id` or the embedding's `padding_idx`
         mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at the values they had when training started
@@ -237,12 +247,22 @@ def fused_note(learn:Learner, # The learner
         s += "; something read the training logits (a metric with train_metrics=True, a callback), so they were computed for it"
     return s
 
+def reads_pred_late(learn:Learner, # The learner
+                   )->bool:
+    "Whether a callback of `learn` may read `learn.pred` after the optimizer's step: any but fastai's own that don't, and ours"
+    for cb in learn.cbs:
+        if isinstance(cb, Recorder):
+            if cb.train_metrics and len(learn.metrics): return True  # train metrics read it in `after_batch`
+        elif not (isinstance(cb, _NO_LATE_PRED) or getattr(cb, 'pred_after_step', True) is False): return True
+    return False
+
 class FusedOutput(Callback):
     "In training, run the output layer the guard found inside `PadCrossEntropyLossFlat`, in chunks: the logits are never held whole"
     order = PadGuard.order + 1  # at the first training batch, the guard has found this fit's output layer
+    pred_after_step = False  # it reads no `learn.pred`
     def __init__(self,
         chunk:int|None=None, # Tokens per chunk; by default from the sizes (`chunk_rows`: dim/2 to 2 x dim tokens, at most 64 MiB of logits where that fits)
-    ): self.chunk,self.head,self.why,self.logits_computed,self._decided = check_chunk(chunk),None,None,False,False
+    ): self.chunk,self.head,self.why,self.logits_computed,self._decided,self.copy,self.copies = check_chunk(chunk),None,None,False,False,True,0
 
     def before_fit(self):
         "Stand in for the learner's batch work for this fit (fastai reads it before `before_batch`)"
@@ -257,6 +277,7 @@ class FusedOutput(Callback):
         g = getattr(guard, 'resolution', None)
         f = Fusion(None, "no PadGuard found the output layer") if g is None else fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
         self.head, self.why = f.head, f.why
+        self.copy = reads_pred_late(self.learn)  # a copy of the layer's weight before each step only for whoever reads the logits then
         self._decided = True
 
     def after_loss(self):
@@ -265,12 +286,13 @@ class FusedOutput(Callback):
 
     def before_step(self):
         "Logits nobody read yet will be computed from the weights the loss saw: the step is about to change them"
-        if self.head is not None: self.head.keep_weights()
+        if self.head is not None: self.head.keep_weights(self.copy)
 
     def after_fit(self):
         "Give the output layer and the learner their own `forward` and batch work back"
         if self.head is not None:
             self.logits_computed = self.logits_computed or self.head.computed
+            self.copies += self.head.copies
             self.head.remove(); self.head = None
         if self.learn is not None and isinstance(self.learn.__dict__.get('_do_one_batch'), FusedBatch): del self.learn._do_one_batch
 

@@ -90,6 +90,7 @@ def pad_audit(dls, # Text `DataLoaders` (or one `DataLoader`) with a vocab
 class PadMonitor(Callback):
     "Record the max |change| of the pad row (and `idxs`) of the token table after every step"
     order = PadGuard.order + 1  # at the first training batch, the guard has found and zeroed the rows this one records
+    pred_after_step = False  # it reads no `learn.pred`
     def __init__(self,
         idxs:str|list|None=None, # Other rows to record: 'fake' (the vocab's 'xxfake' rows) or a list of ints
     ):

@@ -67,6 +67,7 @@ class FusedLogits(Tensor):
         shape = (*h.shape[:-1], weight.shape[0])
         r = Tensor._make_subclass(cls, torch.zeros((), dtype=dtype, device=h.device).expand(shape), h.requires_grad or weight.requires_grad)
         r.h, r.weight, r.bias, r.head, r.fns, r.cast, r._real = h, weight, bias, head, tuple(fns), cast, None  # shape and dtype, no storage
+        r.stale = False  # set when an optimizer step changed the weights and no copy of them was kept
         if head is not None: head.made.append(weakref.ref(r))  # so the head can keep the weights they need before a step
         return r
 
@@ -75,6 +76,10 @@ class FusedLogits(Tensor):
     def materialize(self)->Tensor:
         "The logits, computed (once) as the layer and the functions after it would have, with autograd"
         if self._real is None:
+            if self.stale: raise RuntimeError(
+                "These logits were not computed before the optimizer's step changed the output layer, and no copy of its weights was "
+                "kept (padguard()'s fused path keeps one only when a callback may read learn.pred after the step). Read learn.pred "
+                "in a callback (any event), before the step, or train with learn.padguard(fused=False)")
             with torch.autocast(self.h.device.type, dtype=self.cast[1], enabled=self.cast[0]):
                 z = F.linear(self.h, self.weight, self.bias)
             for f in self.fns: z = f(z)
@@ -222,7 +227,7 @@ class FusedHead:
     def __init__(self,
         mod:nn.Linear, # The output layer
         chunk:int|None=None, # Tokens per chunk; by default `chunk_rows` of the batch's sizes
-    ): self.mod,self.chunk,self.on,self.computed,self.made = mod,chunk,False,False,[]
+    ): self.mod,self.chunk,self.on,self.computed,self.made,self.copies = mod,chunk,False,False,[],0
     def __call__(self, x:Tensor)->Tensor:
         m = self.mod
         if self.on and torch.is_grad_enabled(): return FusedLogits(x, m.weight, m.bias, self)
@@ -234,10 +239,16 @@ class FusedHead:
         "Give the layer its own `forward` back"
         self.on = False
         if self.mod.__dict__.get('forward') is self: del self.mod.forward
-    def keep_weights(self):
+    def keep_weights(self,
+        copy:bool=True, # Keep a copy of the weight and bias (the layer's size); else such logits refuse to be computed
+    ):
         "Before an optimizer step: the logits it made that are not computed yet will be computed from the weights the loss saw"
         live = [x for x in (r() for r in self.made) if x is not None and x._real is None]
         if not live: return
+        if not copy:
+            for x in live: x.stale = True
+            return
+        self.copies += 1
         w, b = self.mod.weight, self.mod.bias
         wc, bc = w.detach().clone(), None if b is None else b.detach().clone()  # the layer's size: the step updates it in place
         for x in live:

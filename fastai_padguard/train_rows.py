@@ -40,6 +40,7 @@ class _RowsEmbeddingDropout:
 class RowTrainer(Callback):
     "Train only `rows` of the token tables, the output layer and its bias; every other row of them stays bitwise as it was"
     order = PadGuard.order + 1  # after the guard has found this fit's rows
+    pred_after_step = False  # it reads no `learn.pred`
     def __init__(self,
         trained:TrainedRows, # What `train_rows` installed: the chosen rows and the parameters that hold them
     ): self.trained = trained

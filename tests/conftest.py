@@ -138,4 +138,5 @@ class NewStorages(TorchDispatchMode):
 class Float64Recorder(Callback):
     "fastai's smoothed loss starts as a float32 tensor, which `torch.lerp` won't mix with a float64 loss: start it in float64"
     order = Recorder.order + 1  # after the Recorder's before_fit resets it
+    pred_after_step = False  # it reads no learn.pred (the fused path then keeps no copy of the output layer's weight)
     def before_fit(self): self.learn.recorder.smooth_loss.val = self.learn.recorder.smooth_loss.val.double()

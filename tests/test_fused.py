@@ -362,3 +362,23 @@ def test_cuda_fused_no_sync():
     try: learn.fit(1, 1e-3, cbs=strict)
     finally: torch.cuda.set_sync_debug_mode(0)
     assert strict.n > 2
+
+def test_the_weights_are_copied_only_for_a_reader_after_the_step():
+    "No callback reads learn.pred after the step: no copy of the output layer's weight; one that may: a copy per step"
+    learn = awd(f64=True); learn.padguard(chunk=7)
+    learn.fit(1, 1e-2)
+    assert learn.fused_output.copy is False and learn.fused_output.copies == 0
+    learn.fit(1, 1e-2, cbs=PredReader('after_batch'))
+    assert learn.fused_output.copy is True and learn.fused_output.copies > 10
+    learn = awd(f64=True, metrics=accuracy); learn.padguard(chunk=7); learn.recorder.train_metrics = True
+    learn.fit(1, 1e-2)
+    assert learn.fused_output.copy is True
+
+def test_logits_read_late_without_a_copy_refuse():
+    "A callback that says it reads no learn.pred after the step, and does: an error naming the fix, never the post-step logits"
+    class Liar(Callback):
+        pred_after_step = False
+        def after_step(self):
+            if self.training: self.learn.pred.softmax(-1)
+    learn = awd(f64=True); learn.padguard(chunk=7)
+    with pytest.raises(RuntimeError, match=r'fused=False'): learn.fit(1, 1e-2, cbs=Liar())
