@@ -13,7 +13,7 @@ def readme_code(text:str)->str:
 if __name__ == '__main__':
     import fastai_padguard
     src = Path(fastai_padguard.__file__).resolve()
-    if README.parent in src.parents: sys.exit(f"fastai_padguard was imported from the checkout ({src}), not the installed package")
+    if README.parent/'fastai_padguard' in src.parents: sys.exit(f"fastai_padguard was imported from the checkout ({src}), not the installed package")
     exec(compile(readme_code(README.read_text()), str(README), 'exec'), {'__name__': '__readme__'})
     print('README code: ran')
     subprocess.run([sys.executable, '-m', 'fastai_padguard.demo', '--n', '300'], check=True)
