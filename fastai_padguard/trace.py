@@ -128,26 +128,22 @@ def is_ids(t)->bool:
     "Whether `t` is a tensor of token ids: integer, 2 or more dims"
     return isinstance(t, Tensor) and t.dim() >= 2 and not t.is_floating_point() and not t.is_complex() and t.dtype is not torch.bool
 
-def map_ids(x, # A batch, or part of one: tensors in tuples, lists and mappings
-            f, # Applied to each tensor of token ids; its result replaces it
-            key=None, # The mapping key `x` sits under, if any
-           ):
-    "Apply `f` to every tensor of token ids in `x`: integer tensors of 2 or more dims, in a mapping only under keys ending in 'input_ids'"
-    if isinstance(x, Tensor): return f(x) if is_ids(x) and (key is None or str(key).endswith('input_ids')) else x
-    if isinstance(x, Mapping): return type(x)({k:map_ids(v, f, k) for k,v in x.items()})
+def _map(x, f, key=None):
+    "`f(tensor, key)` for every tensor in `x` (tuples, lists, named tuples and mappings rebuilt around the results)"
+    if isinstance(x, Tensor): return f(x, key)
+    if isinstance(x, Mapping): return type(x)({k:_map(v, f, k) for k,v in x.items()})
     if isinstance(x, (list, tuple)):
-        vs = [map_ids(v, f, key) for v in x]
+        vs = [_map(v, f, key) for v in x]
         return type(x)(*vs) if hasattr(x, '_fields') else type(x)(vs)
     return x
 
-def _to(x, device):
-    "`x` (tensors in tuples, lists and mappings) on `device`"
-    if isinstance(x, Tensor): return x.to(device)
-    if isinstance(x, Mapping): return type(x)({k:_to(v, device) for k,v in x.items()})
-    if isinstance(x, (list, tuple)):
-        vs = [_to(v, device) for v in x]
-        return type(x)(*vs) if hasattr(x, '_fields') else type(x)(vs)
-    return x
+def map_ids(x, # A batch, or part of one: tensors in tuples, lists and mappings
+            f, # Applied to each tensor of token ids; its result replaces it
+           ):
+    "Apply `f` to every tensor of token ids in `x`: integer tensors of 2 or more dims, in a mapping only under keys ending in 'input_ids'"
+    return _map(x, lambda t, k: f(t) if is_ids(t) and (k is None or str(k).endswith('input_ids')) else t)
+
+def _to(x, device): return _map(x, lambda t, k: t.to(device))
 
 def _shift(t:Tensor, keep:set)->Tensor:
     "`t` with each id but those in `keep` (the pads) replaced by the next larger id present in `t` (the largest by the smallest)"
