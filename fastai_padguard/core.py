@@ -15,9 +15,6 @@ from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 import random
 import numpy as np
-
-def _ce(lf): return lf.func if isinstance(lf, PadCrossEntropyLossFlat) else lf  # what the fused pass scores with
-
 from fastai.callback.progress import ProgressCallback, ShowGraphCallback, CSVLogger
 from fastai.callback.tracker import TrackerCallback
 from fastai.callback.rnn import RNNCallback, RNNRegularizer, ModelResetter
@@ -26,6 +23,8 @@ from fastai.callback.training import GradientClip, GradientAccumulation
 from fastai.callback.schedule import ParamScheduler
 _NO_LATE_PRED = (TrainEvalCallback, ProgressCallback, ShowGraphCallback, CSVLogger, TrackerCallback, ParamScheduler, RNNCallback,
                  RNNRegularizer, ModelResetter, MixedPrecision, GradientClip, GradientAccumulation, CastToTensor)  # fastai's, read no pred after the step
+
+def _ce(lf): return lf.func if isinstance(lf, PadCrossEntropyLossFlat) else lf  # what the fused pass scores with
 
 _CANCELS = (CancelBatchException, CancelStepException, CancelBackwardException, CancelTrainException, CancelValidException,
             CancelEpochException, CancelFitException)  # fastai's own ways to end part of a fit: its events still run

@@ -21,20 +21,21 @@ class RowKeeper:
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
         self.targets, self.mode = targets, mode
-        self.saved = [t.param.detach().index_select(t.dim, t.index()) for t in targets] if mode=='freeze' else None
+        self.idx = [t.index() for t in targets]  # worked out once: each step only reads them
+        self.saved = [t.param.detach().index_select(t.dim, i) for t,i in zip(targets, self.idx)] if mode=='freeze' else None
 
     def zero_grads(self):
         "Zero the rows of every gradient (before clipping, mixed precision's checks or the optimizer read them)"
-        for t in self.targets:
-            if t.param.grad is not None: t.param.grad.index_fill_(t.dim, t.index(), 0.)
+        for t,i in zip(self.targets, self.idx):
+            if t.param.grad is not None: t.param.grad.index_fill_(t.dim, i, 0.)
 
     def write_back(self):
         "Set the rows to 0 (or their kept values): what every optimizer step ends with"
         with torch.no_grad():
             if self.mode=='zero':
-                for t in self.targets: t.param.index_fill_(t.dim, t.index(), 0.)
+                for t,i in zip(self.targets, self.idx): t.param.index_fill_(t.dim, i, 0.)
             else:
-                for t,v in zip(self.targets, self.saved): t.param.index_copy_(t.dim, t.index(), v)
+                for t,i,v in zip(self.targets, self.idx, self.saved): t.param.index_copy_(t.dim, i, v)
 
 # %% ../nbs/01d_ops.ipynb #c007
 class GuardedStep:
