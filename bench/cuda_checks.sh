@@ -18,3 +18,6 @@ timeout 200 $py bench/step.py --fused --bs 16 --device cuda --reps 10 --steps 5 
 # the same with the small tied AWD-LSTM of issue 16's targets (README's quick-start sizes: the output layer and loss dominate the step)
 timeout 200 $py bench/step.py --fused --emb 32 --hid 64 --layers 2 --bs 16 --device cuda --reps 10 --steps 5 --json "$OUT/results-fused-small-cuda.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
 timeout 200 $py bench/step.py --fused --emb 32 --hid 64 --layers 2 --bs 16 --device cuda --reps 10 --steps 5 --vocab 250000 --json "$OUT/results-fused-small-cuda-250k.json" 2>&1 | tee -a "$OUT/step-cuda.txt"
+# issue 26: a whole fit_one_cycle(1) with validation and metrics (the rows found, training, validation), at 60k and 250k
+timeout 200 $py bench/fit.py --device cuda --reps 5 --json "$OUT/results-fit-cuda.json" 2>&1 | tee -a "$OUT/fit-cuda.txt"
+timeout 200 $py bench/fit.py --device cuda --reps 5 --vocab 250000 --json "$OUT/results-fit-cuda-250k.json" 2>&1 | tee -a "$OUT/fit-cuda.txt"

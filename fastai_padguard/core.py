@@ -9,7 +9,8 @@ from __future__ import annotations
 from fastai.basics import *
 from .rows import *
 from .losses import PadCrossEntropyLossFlat
-from .fused import Fusion, fused_head, check_chunk
+from .fused import Fusion, fused_head
+from .chunked import check_chunk
 from .ops import RowKeeper, guard_step, unguard_step
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
@@ -215,14 +216,14 @@ class PadGuard(Callback):
 
 # %% ../nbs/01_core.ipynb #c004e
 class FusedBatch:
-    "fastai's work on one training batch with the fused output layer installed for it alone, taken off in `finally`"
+    "fastai's work on one batch (training or validation) with the fused output layer installed for it alone, taken off in `finally`"
     def __init__(self,
         learn:Learner, # The learner whose `_do_one_batch` it stands in for, during a fit
         fused:FusedOutput, # The callback whose `head` (a `FusedHead`, or `None`) it installs
     ): store_attr()
     def __call__(self):
         learn, head = self.learn, self.fused.head if self.fused.learn is self.learn else None  # the callback removed: plain fastai
-        if head is None or not learn.training: return type(learn)._do_one_batch(learn)
+        if head is None: return type(learn)._do_one_batch(learn)
         head.install()
         try: return type(learn)._do_one_batch(learn)
         except BaseException as e:
@@ -240,7 +241,7 @@ def fused_note(learn:Learner, # The learner
     if f.head is None: return f"off: {f.why}, so the logits are computed as usual"
     head = f.head
     names = {m:n for n,m in learn.model.named_modules()}
-    s = (f"on: in training, '{names.get(head.mod, '?')}' runs inside the loss, "
+    s = (f"on: in training and validation, '{names.get(head.mod, '?')}' runs inside the loss, "
          f"{f'{chunk} tokens at a time' if chunk else 'in chunks of dim/2 to 2 x dim tokens'} (padguard(fused=False) turns it off)")
     if fused is not None and fused.logits_computed:
         s += "; something read the training logits (a metric with train_metrics=True, a callback), so they were computed for it"
@@ -256,12 +257,13 @@ def reads_pred_late(learn:Learner, # The learner
     return False
 
 class FusedOutput(Callback):
-    "In training, run the output layer the guard found inside `PadCrossEntropyLossFlat`, in chunks: the logits are never held whole"
+    "In training and validation, run the output layer the guard found inside `PadCrossEntropyLossFlat`, in chunks: the logits are never held whole"
     order = PadGuard.order + 1  # at the first training batch, the guard has found this fit's output layer
     pred_after_step = False  # it reads no `learn.pred`
     def __init__(self,
         chunk:int|None=None, # Tokens per chunk; by default from the sizes (`chunk_rows`: dim/2 to 2 x dim tokens, at most 64 MiB of logits where that fits)
-    ): self.chunk,self.head,self.why,self.logits_computed,self._decided,self.copy,self.copies = check_chunk(chunk),None,None,False,False,True,0
+    ):
+        self.chunk,self.head,self.why,self.logits_computed,self._decided,self.copy,self.copies = check_chunk(chunk),None,None,False,False,True,0
 
     def before_fit(self):
         "Stand in for the learner's batch work for this fit (fastai reads it before `before_batch`)"
@@ -269,15 +271,33 @@ class FusedOutput(Callback):
         self.logits_computed, self._decided = False, False
         self.learn._do_one_batch = FusedBatch(self.learn, self)
 
-    def before_batch(self):
-        "At the first training batch: decide, from the guard's resolution, whether the output layer can run inside the loss"
-        if not self.training or self._decided: return
-        guard = getattr(self.learn, 'pad_guard', None)
-        g = getattr(guard, 'resolution', None)
+    def _decide(self, g:Guarded|None):
+        "Whether the output layer can run inside the loss, from the guard's resolution `g`"
         f = Fusion(None, "no PadGuard found the output layer") if g is None else fused_head(self.learn.model, _ce(self.learn.loss_func), g, self.chunk)
         self.head, self.why = f.head, f.why
         self.copy = reads_pred_late(self.learn)  # a copy of the layer's weight before each step only for whoever reads the logits then
         self._decided = True
+
+    def before_batch(self):
+        "At the first training batch: decide, from the guard's resolution of this batch, whether the output layer can run inside the loss"
+        if self.training and not self._decided: self._decide(getattr(getattr(self.learn, 'pad_guard', None), 'resolution', None))
+
+    def before_validate(self):
+        "Validation before any training batch (`validate` and `get_preds` run `before_fit` too): decide from the guard's resolution"
+        if self._decided: return
+        guard = getattr(self.learn, 'pad_guard', None)
+        self._decide(guard.current_resolution() if isinstance(guard, PadGuard) else None)
+
+    def before_train(self):
+        if self.head is not None: self.head.computed = False
+    def after_train(self):
+        "Whether something read the training logits whole (a metric that needs them, a callback): `learn.pad_guard` says so"
+        if self.head is not None: self.logits_computed = self.logits_computed or self.head.computed
+
+    def after_batch(self):
+        "Validation: logits something kept (`get_preds`) are computed at the end of their batch, as fastai would have held them"
+        if not self.training and self.head is not None: self.head.settle(keep=self.learn.pred)
+
 
     def after_loss(self):
         "The fused output layer is only for the loss of a training batch: anything after it gets the layer's own forward"
@@ -288,10 +308,10 @@ class FusedOutput(Callback):
         if self.head is not None: self.head.keep_weights(self.copy)
 
     def after_fit(self):
-        "Give the output layer and the learner their own `forward` and batch work back"
+        "Give the output layer and the learner their own `forward` and batch work back; logits still held keep the weights they were made with"
         if self.head is not None:
-            self.logits_computed = self.logits_computed or self.head.computed
             self.copies += self.head.copies
+            self.head.keep_weights(copy=True)  # `learn.pred`, or logits a callback kept: whatever runs next may change the weights
             self.head.remove(); self.head = None
         if self.learn is not None and isinstance(self.learn.__dict__.get('_do_one_batch'), FusedBatch): del self.learn._do_one_batch
 

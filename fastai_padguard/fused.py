@@ -13,11 +13,11 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .rows import Guarded
-from .ce import PadCrossEntropy, masked_ce, masked_ce_grad
-from math import inf
+from .ce import PadCrossEntropy
+from .chunked import chunk_rows, linear_ce
 
 # %% auto #0
-__all__ = ['CHUNK_BYTES', 'autocast_state', 'FusedLogits', 'check_chunk', 'chunk_rows', 'FusedHead', 'Fusion', 'fused_head']
+__all__ = ['autocast_state', 'FusedLogits', 'FusedHead', 'Fusion', 'fused_head']
 
 # %% ../nbs/02a_fused.ipynb #c005
 def autocast_state(device_type:str)->tuple:
@@ -34,24 +34,49 @@ _META = {Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tens
 _CASTS = {Tensor.float: torch.float32, Tensor.half: torch.float16, Tensor.bfloat16: torch.bfloat16, Tensor.double: torch.float64}
 _SCALAR_OPS = {Tensor.__truediv__, Tensor.div, torch.div, Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul,
                Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add, Tensor.__sub__, Tensor.sub, torch.sub}
+_PER_TOKEN = {Tensor.argmax: 'argmax', torch.argmax: 'argmax', Tensor.max: 'max', torch.max: 'max', Tensor.topk: 'topk', torch.topk: 'topk'}
 
-def _identity(x): return x
+def _device(a)->torch.device|None:
+    "The device in `Tensor.to`'s or `Tensor.cpu`'s arguments, or `None`"
+    return torch.device(a) if isinstance(a, (str, torch.device)) else None
 
 def _lazy(func, args, kwargs):
-    "`(fn, dtype)` when `func(*args, **kwargs)` on `FusedLogits` `args[0]` is elementwise and can wait for the chunks; else `None`"
+    "'self', or a dict of what changes, when `func(*args, **kwargs)` on `FusedLogits` `args[0]` can wait for the chunks (an elementwise function, a cast, a detach, a move); else `None`"
     x = args[0]
+    if func is Tensor.contiguous and len(args)==1 and not kwargs: return 'self'
+    if func is Tensor.clone and len(args)==1 and not kwargs: return {}  # a new object, computed on its own
+    if func is Tensor.detach and len(args)==1: return dict(grad=False)
+    if func is Tensor.cpu and len(args)==1 and not kwargs: return dict(device=torch.device('cpu'))
     if kwargs: return None
-    if func in _CASTS and len(args)==1: return partial(Tensor.to, dtype=_CASTS[func]), _CASTS[func]
-    if func is Tensor.to and len(args)==2 and isinstance(args[1], torch.dtype) and args[1].is_floating_point:
-        return partial(Tensor.to, dtype=args[1]), args[1]
-    if func in (torch.tanh, Tensor.tanh) and len(args)==1: return torch.tanh, x.dtype
-    if func in _SCALAR_OPS and len(args)==2 and isinstance(args[1], (int, float)) and not isinstance(args[1], bool):
-        return (lambda z, f=func, c=args[1]: f(z, c)), x.dtype
-    if func is Tensor.contiguous and len(args)==1: return _identity, x.dtype
-    return None
+    if func in _CASTS and len(args)==1: dt = _CASTS[func]
+    elif func is Tensor.to and len(args)==2 and isinstance(args[1], torch.dtype) and args[1].is_floating_point: dt = args[1]
+    elif func is Tensor.to and len(args)==2 and _device(args[1]) is not None: return dict(device=_device(args[1]))
+    elif func in (torch.tanh, Tensor.tanh) and len(args)==1: return dict(fn=torch.tanh)
+    elif func in _SCALAR_OPS and len(args)==2 and isinstance(args[1], (int, float)) and not isinstance(args[1], bool):
+        return dict(fn=lambda z, f=func, c=args[1]: f(z, c))
+    else: return None
+    return 'self' if dt == x.dtype else dict(fn=partial(Tensor.to, dtype=dt), dtype=dt)
+
+def _made(x)->bool: return '_real' in x.__dict__  # made by `FusedLogits(...)`, not a real tensor cast to its type
+def _pending(x)->bool: return isinstance(x, FusedLogits) and x.__dict__.get('_real', 0) is None  # made, not computed yet
+
+def _plain(x): return x if type(x) is Tensor else x.as_subclass(Tensor)  # fastai's TensorText: dropped (fastai 2.7 can't recast a Tensor)
+
+def _last(x, d)->bool: return d in (-1, x.dim()-1)
+
+def _reduction(func, args, kwargs):
+    "`(f, keepdim)` when `func` is `argmax`, `max` or `topk` over the vocab (the last axis) of `args[0]`: per token, so computed chunk by chunk"
+    name, x = _PER_TOKEN.get(func), args[0]
+    if name is None: return None
+    kw = dict(zip(('k', 'dim', 'largest', 'sorted') if name=='topk' else ('dim', 'keepdim'), args[1:]), **kwargs)
+    if name == 'topk':
+        if 'k' not in kw or set(kw) - {'k', 'dim', 'largest', 'sorted'} or not _last(x, kw.get('dim', -1)): return None
+        return (lambda z: torch.topk(z, kw['k'], -1, kw.get('largest', True), kw.get('sorted', True))), True
+    if set(kw) - {'dim', 'keepdim'} or not isinstance(kw.get('dim'), int) or not _last(x, kw['dim']): return None
+    return (lambda z: torch.argmax(z, -1)) if name=='argmax' else (lambda z: torch.max(z, -1)), kw.get('keepdim', False)
 
 class FusedLogits(Tensor):
-    "A linear layer's logits, not computed: its input `h`, `weight`, `bias` and the elementwise `fns` after it; anything but the loss computes them"
+    "A linear layer's logits, not computed: its input `h`, `weight`, `bias` and the elementwise `fns` after it; the loss and per-token reductions compute them in chunks, anything else whole"
     @staticmethod
     def __new__(cls,
         h:Tensor, # The layer's input, `(..., in_features)`
@@ -61,195 +86,141 @@ class FusedLogits(Tensor):
         fns:tuple=(), # Elementwise functions the model applied after the layer (a soft-cap, a cast)
         dtype:torch.dtype|None=None, # The logits' dtype; by default the layer's under the autocast of the moment
         cast:tuple|None=None, # `(enabled, dtype)` of autocast when the layer ran; by default now
+        device:torch.device|None=None, # Where they live (a `.cpu()` of them): by default `h`'s device, where they are computed
+        grad:bool|None=None, # Whether they are computed with autograd (made with grad on, not detached); by default whether grad is on
     ):
         if cast is None: cast = autocast_state(h.device.type)
         if dtype is None: dtype = cast[1] if cast[0] else h.dtype
-        shape = (*h.shape[:-1], weight.shape[0])
-        r = Tensor._make_subclass(cls, torch.zeros((), dtype=dtype, device=h.device).expand(shape), h.requires_grad or weight.requires_grad)
-        r.h, r.weight, r.bias, r.head, r.fns, r.cast, r._real = h, weight, bias, head, tuple(fns), cast, None  # shape and dtype, no storage
+        if grad is None: grad = torch.is_grad_enabled()
+        shape, device = (*h.shape[:-1], weight.shape[0]), device or h.device
+        req = grad and (h.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)
+        # shape and dtype, no storage: one NaN, broadcast, so that code reading the data without torch's dispatch (C++) gets NaN, not numbers
+        r = Tensor._make_subclass(cls, torch.full((), math.nan, dtype=dtype, device=device).expand(shape), req)
+        r.h, r.weight, r.bias, r.head, r.fns, r.cast, r.grad_on, r._real = h, weight, bias, head, tuple(fns), cast, grad, None
         r.stale = False  # set when an optimizer step changed the weights and no copy of them was kept
         if head is not None: head.made.append(weakref.ref(r))  # so the head can keep the weights they need before a step
         return r
 
-    def __repr__(self, **kwargs): return f"FusedLogits(shape={tuple(self.shape)}, dtype={self.dtype}, not computed: the loss computes them in chunks)"
+    def __repr__(self, **kwargs):
+        if not _made(self) or self._real is not None: return self.materialize().__repr__(**kwargs)
+        return f"FusedLogits(shape={tuple(self.shape)}, dtype={self.dtype}, not computed: the loss computes them in chunks)"
+
+    def _fresh(self):
+        if self.stale: raise RuntimeError(
+            "These logits were not computed before the optimizer's step changed the output layer, and no copy of its weights was "
+            "kept (padguard()'s fused path keeps one only when a callback may read learn.pred after the step). Read learn.pred "
+            "in a callback (any event), before the step, or train with learn.padguard(fused=False)")
+
+    def _logits(self, h:Tensor)->Tensor:
+        "The logits of the rows `h` of the layer's input, as the layer and the functions after it compute them"
+        with torch.autocast(h.device.type, dtype=self.cast[1], enabled=self.cast[0]): z = F.linear(h, self.weight, self.bias)
+        for f in self.fns: z = f(z)
+        return z
 
     def materialize(self)->Tensor:
-        "The logits, computed (once) as the layer and the functions after it would have, with autograd"
+        "The logits, computed (once) as the layer and the functions after it would have, with autograd where they were made with it"
+        if not _made(self):  # a real tensor cast to this type (fastai's `retain_type` does so): its own values
+            with torch._C.DisableTorchFunctionSubclass(): return self.as_subclass(Tensor)
         if self._real is None:
-            if self.stale: raise RuntimeError(
-                "These logits were not computed before the optimizer's step changed the output layer, and no copy of its weights was "
-                "kept (padguard()'s fused path keeps one only when a callback may read learn.pred after the step). Read learn.pred "
-                "in a callback (any event), before the step, or train with learn.padguard(fused=False)")
-            with torch.autocast(self.h.device.type, dtype=self.cast[1], enabled=self.cast[0]):
-                z = F.linear(self.h, self.weight, self.bias)
-            for f in self.fns: z = f(z)
-            self._real = z
+            self._fresh()
+            with torch.set_grad_enabled(self.grad_on and torch.is_grad_enabled()): z = self._logits(self.h)
+            self._real = z.to(self.device)
+            self.h = self.weight = self.bias = None  # computed: the inputs are no longer needed
             if self.head is not None: self.head.computed = True
         return self._real
+
+    def become_real(self):
+        "Compute them and turn this very object into a plain `Tensor` of the logits (for logits kept without autograd: `get_preds`)"
+        r = self.materialize().detach()
+        with torch._C.DisableTorchFunctionSubclass(), torch.no_grad(): self.set_(r)
+        self.__dict__.clear(); self.__class__ = Tensor
+
+    def per_token(self,
+        f, # A function of a chunk of logits, `(tokens, vocab)`, giving a tensor (or a tuple of them) with one row per token
+    ):
+        "`f` of the logits, a chunk of tokens at a time, the results joined: `argmax`, `max` and `topk` over the vocab compute themselves so"
+        self._fresh()
+        h = _plain(self.h).reshape(-1, self.h.shape[-1])
+        n = self.head.chunk if self.head is not None and self.head.chunk else chunk_rows(h.shape[0], self.weight.shape[0], h.shape[1])
+        with torch.set_grad_enabled(self.grad_on and torch.is_grad_enabled()):
+            parts = [f(self._logits(h[s:s+n])) for s in range(0, h.shape[0], n)]
+        join = lambda xs: torch.cat(xs).reshape(*self.shape[:-1], *xs[0].shape[1:]).to(self.device)
+        if isinstance(parts[0], Tensor): return join(parts)
+        return type(parts[0])([join([p[i] for p in parts]) for i in range(len(parts[0]))])  # `max` and `topk`: (values, indices)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _META:
             with torch._C.DisableTorchFunctionSubclass(): return func(*args, **kwargs)
-        if args and type(args[0]) is cls and args[0]._real is None:
-            lz = _lazy(func, args, kwargs)
-            if lz is not None:
-                x, (fn, dt) = args[0], lz
-                return x if fn is _identity else cls(x.h, x.weight, x.bias, x.head, x.fns + (fn,), dt, x.cast)
+        if args and type(args[0]) is cls and _pending(args[0]):
+            x, lz = args[0], _lazy(func, args, kwargs)
+            if lz is not None: return x if lz == 'self' else x._derive(**lz)
+            red = _reduction(func, args, kwargs)
+            if red is not None:
+                f, keep = red
+                r = x.per_token(f)
+                if not keep or _PER_TOKEN[func]=='topk': return r
+                return r.unsqueeze(-1) if isinstance(r, Tensor) else type(r)([v.unsqueeze(-1) for v in r])
         mat = lambda o: o.materialize() if isinstance(o, cls) else o
         args = [type(a)(mat(o) for o in a) if isinstance(a, (list, tuple)) else mat(a) for a in args]
         return func(*args, **{k: mat(v) for k,v in kwargs.items()})
+
+    def _derive(self, fn=None, dtype=None, device=None, grad=None)->FusedLogits:
+        "The same logits with `fn` applied after them, in `dtype`, on `device`, or without autograd: still not computed"
+        return type(self)(self.h, self.weight, self.bias, self.head, self.fns + ((fn,) if fn else ()), dtype or self.dtype, self.cast,
+                          device or self.device, self.grad_on and (grad is None or grad))
 
     def fused_loss(self,
         ce:PadCrossEntropy, # The loss, its classes on the last axis of these logits
         targ:Tensor, # Its targets, one per row of the logits (any shape: flattened)
     )->Tensor:
         "`ce` of these logits against `targ`, chunk by chunk, never holding them whole (`PadCrossEntropyLossFlat` calls it)"
-        plain = lambda x: x if type(x) is Tensor else x.as_subclass(Tensor)  # fastai's TensorText: dropped (fastai 2.7 can't recast a Tensor)
-        h, t = plain(self.h).reshape(-1, self.h.shape[-1]), plain(targ).reshape(-1)
-        if self._real is not None or t.shape[0] != h.shape[0]:
-            z = plain(self.materialize())
+        t = _plain(targ).reshape(-1)
+        if self._real is not None or t.shape[0] != math.prod(self.shape[:-1]) or self.device != self.h.device:
+            z = _plain(self.materialize())
             return ce(z.reshape(-1, z.shape[-1]), t)
-        n = self.head.chunk if self.head is not None and self.head.chunk else chunk_rows(h.shape[0], self.weight.shape[0], h.shape[1])
-        return _FusedCE.apply(h, self.weight, self.bias, t, ce, self.fns, n, self.cast)
+        self._fresh()
+        h = _plain(self.h).reshape(-1, self.h.shape[-1])
+        return linear_ce(h, self.weight, self.bias, t, ce, self.fns, self.head.chunk if self.head is not None else None, self.cast)
 
-# %% ../nbs/02a_fused.ipynb #c007
-CHUNK_BYTES = 64 * 2**20
-
-def check_chunk(chunk, # Tokens per chunk as the user gave it, or `None`
-               )->int|None:
-    "`chunk`, checked: an int >= 1, or `None` (sized from the vocab)"
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise ValueError(f"chunk={chunk!r}: pass a number of tokens per chunk (an int >= 1), or None to size chunks from the vocab")
-    return chunk
-
-def chunk_rows(n:int, # Tokens in the batch
-               vocab:int, # Columns of the logits
-               dim:int=0, # The layer's input features: chunks hold `dim // 2` to `2 * dim` tokens
-               budget:int=CHUNK_BYTES, # Bytes that one chunk's float32 logits may take
-              )->int:
-    "Tokens per chunk: the batch in equal chunks whose float32 logits fit in `budget` bytes, of `dim // 2` to `2 * dim` tokens"
-    c = budget // (vocab * 4)
-    if dim: c = max(dim // 2, min(c, 2 * dim))  # the weight's traffic per chunk sets the floor; memory and cache the ceiling
-    c = max(1, c)
-    return math.ceil(n / math.ceil(n / c))
-
-@dataclass(eq=False)
-class _Pass:
-    "What one pass over the chunks gives: the `loss`, and the gradients of h, the weight and the bias (`None` where not asked)"
-    loss:Tensor
-    gh:Tensor|None
-    gw:Tensor|None
-    gb:Tensor|None
-
-def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None)->_Pass:
-    "Loss and gradients of `func(fns(h @ w.T + b), t)`, `n` tokens at a time in one reused buffer; `go`: a gradient per token"
-    cd = cast[1] if cast[0] else h.dtype  # the dtype the layer computes in: autocast's, or its own
-    idx = func.index(h.device)
-    with torch.autocast(h.device.type, enabled=False):
-        wc = w.to(cd); bc = None if b is None else b.to(cd)
-        gh = torch.empty_like(h) if need[0] else None
-        gw = torch.empty_like(w) if need[1] else None  # the first chunk writes it, the others add to it
-        gb = torch.empty_like(b) if need[2] and b is not None else None
-        zb = h.new_empty((min(n, h.shape[0]), w.shape[0]), dtype=cd)
-        # log-probabilities in float32 for half logits (as the loss computes them), or when a transform allocates; else in place
-        # on the CPU (its log_softmax reads a row whole before writing it); another buffer elsewhere
-        lb = None if cd in (torch.float32, torch.float64) and not fns and h.device.type=='cpu' else zb.new_empty(zb.shape, dtype=torch.promote_types(cd, torch.float32))
-        losses = []
-        for s in range(0, h.shape[0], n):
-            hc = h[s:s+n].to(cd)
-            z = zb[:hc.shape[0]]
-            if bc is None: torch.mm(hc, wc.t(), out=z)
-            else: torch.addmm(bc, hc, wc.t(), out=z)
-            if fns:
-                zr = z.detach().requires_grad_()
-                with torch.enable_grad():
-                    y = zr
-                    for f in fns: y = f(y)
-                x = y.detach().index_fill(1, idx, -inf)
-            else: x = z.index_fill_(1, idx, -inf)
-            lsm = x if lb is None else lb[:hc.shape[0]]
-            torch.log_softmax(x, 1, dtype=lsm.dtype, out=lsm)
-            l, grad = masked_ce(lsm, t[s:s+n], func, den)
-            losses.append(l)
-            if not any(need): continue
-            dz = masked_ce_grad(lsm, grad, 1. if go is None else go[s:s+n])
-            if fns: dz, = torch.autograd.grad(y, zr, dz.to(y.dtype))
-            if dz.dtype != cd: dz = z.copy_(dz)
-            if gh is not None:
-                if gh.dtype == cd: torch.mm(dz, wc, out=gh[s:s+n])
-                else: gh[s:s+n] = dz @ wc
-            if gw is not None:  # the weight's gradient is read and written once per chunk: why chunks hold at least dim/2 tokens
-                if s == 0: torch.mm(dz.t(), hc, out=gw) if gw.dtype == cd else gw.copy_(dz.t() @ hc)
-                elif gw.dtype == cd: gw.addmm_(dz.t(), hc)
-                else: gw += (dz.t() @ hc).to(gw.dtype)
-            if gb is not None:
-                if s == 0: torch.sum(dz, 0, dtype=gb.dtype, out=gb)
-                else: gb += dz.sum(0).to(gb.dtype)
-    return _Pass(torch.cat(losses) if func.reduction=='none' else torch.stack(losses).sum(), gh, gw, gb)
-
-class _FusedCE(torch.autograd.Function):
-    "`PadCrossEntropyLossFlat` of `h @ w.T + b` in chunks; for 'mean' and 'sum' the gradients are worked out in the forward pass"
-    @staticmethod
-    def forward(ctx, h, w, b, t, func, fns, n, cast):
-        dt = cast[1] if cast[0] else h.dtype
-        for f in fns: dt = f(torch.zeros((), dtype=dt)).dtype
-        den = func.divisor(t, torch.promote_types(dt, torch.float32)) if func.reduction=='mean' else None
-        if func.reduction == 'none':  # a gradient per token comes back: the pass runs again in backward with it
-            ctx.save_for_backward(h, w, b, t); ctx.args = (func, fns, n, cast)
-            return _pass(h, w, b, t, func, fns, n, cast, den, (False,)*3).loss
-        r = _pass(h, w, b, t, func, fns, n, cast, den, ctx.needs_input_grad[:3])
-        ctx.gh, ctx.gw, ctx.gb = r.gh, r.gw, r.gb
-        ctx.args = None
-        return r.loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        if ctx.args is not None:
-            h, w, b, t = ctx.saved_tensors
-            func, fns, n, cast = ctx.args
-            r = _pass(h, w, b, t, func, fns, n, cast, None, ctx.needs_input_grad[:3], g)
-            gh, gw, gb = r.gh, r.gw, r.gb
-        else:
-            if not hasattr(ctx, 'gw'): raise RuntimeError("The fused loss hands out its gradients once, so it can't backpropagate twice "
-                                                          "(retain_graph=True): train with learn.padguard(fused=False) for that")
-            gh, gw, gb = ctx.gh, ctx.gw, ctx.gb
-            del ctx.gh, ctx.gw, ctx.gb
-            for x in (gh, gw, gb):
-                if x is not None: x.mul_(g)
-        return gh, gw, gb, None, None, None, None, None
 
 # %% ../nbs/02a_fused.ipynb #c009
 class FusedHead:
-    "The `forward` of an `nn.Linear` output layer while `PadGuard` trains: on training batches (`on`), `FusedLogits` instead of logits"
+    "The `forward` of an `nn.Linear` output layer while `PadGuard` trains: on a batch, until its loss (`on`), `FusedLogits` instead of logits"
     def __init__(self,
         mod:nn.Linear, # The output layer
         chunk:int|None=None, # Tokens per chunk; by default `chunk_rows` of the batch's sizes
     ): self.mod,self.chunk,self.on,self.computed,self.made,self.copies = mod,chunk,False,False,[],0
     def __call__(self, x:Tensor)->Tensor:
         m = self.mod
-        if self.on and torch.is_grad_enabled(): return FusedLogits(x, m.weight, m.bias, self)
+        if self.on: return FusedLogits(x, m.weight, m.bias, self)
         return F.linear(x, m.weight, m.bias)
     def install(self):
-        "Swap it in as the layer's `forward`, on, for one training batch"
-        self.mod.forward, self.on, self.made = self, True, []
+        "Swap it in as the layer's `forward`, on, for one batch (training or validation)"
+        self.made = [r for r in self.made if _pending(r())]  # logits still held, not computed: kept for `keep_weights`
+        self.mod.forward, self.on = self, True
     def remove(self):
         "Give the layer its own `forward` back"
         self.on = False
         if self.mod.__dict__.get('forward') is self: del self.mod.forward
+    def settle(self,
+        keep:Tensor|None=None, # The logits left lazy (`learn.pred`, which the next batch replaces)
+    ):
+        "At the end of a batch: logits it made without autograd that something still holds (`get_preds`, detached, on the CPU) become real now"
+        for x in (r() for r in self.made):
+            if _pending(x) and x is not keep and not x.stale and not x.requires_grad: x.become_real()
     def keep_weights(self,
         copy:bool=True, # Keep a copy of the weight and bias (the layer's size); else such logits refuse to be computed
     ):
-        "Before an optimizer step: the logits it made that are not computed yet will be computed from the weights the loss saw"
-        live = [x for x in (r() for r in self.made) if x is not None and x._real is None]
+        "Before an optimizer step (and at the end of a fit): the logits it made that are not computed yet will be computed from the weights of now"
+        w, b = self.mod.weight, self.mod.bias
+        live = [x for x in (r() for r in self.made) if _pending(x) and (x.weight is w or b is not None and x.bias is b)]
         if not live: return
         if not copy:
             for x in live: x.stale = True
             return
         self.copies += 1
-        w, b = self.mod.weight, self.mod.bias
         wc, bc = w.detach().clone(), None if b is None else b.detach().clone()  # the layer's size: the step updates it in place
         for x in live:
             if x.weight is w: x.weight = wc

@@ -62,23 +62,38 @@ def param_of(w:Tensor, # A weight seen in a forward pass
     if mod is not None and hasattr(mod, 'trainable_tokens_delta') and hasattr(mod, 'base_layer'): return mod.base_layer.weight
     return None
 
+def _fused():
+    "The fused module (`FusedLogits`, `FusedHead`): it needs the rows (through the loss), which need this module, so it is imported when used"
+    from fastai_padguard import fused
+    return fused
+
+_MATMULS = (torch.matmul, Tensor.__matmul__, Tensor.matmul, torch.mm, Tensor.mm)
+
 class _Calls(TorchFunctionMode):
     "Records, during one forward pass, the weights that integer ids index (`Lookup`) and the products by a 2-d weight (`LinearCall`)"
-    def __init__(self, stack:list): super().__init__(); self.stack,self.lookups,self.linears = stack,[],[]
+    def __init__(self, stack:list): super().__init__(); self.stack,self.lookups,self.linears,self.rows = stack,[],[],0
+    def _product(self, func, args, kwargs, mod):
+        "A product by a 2-d weight: recorded; not computed (`FusedLogits`) when it has a column per row of a table looked up so far"
+        if func is F.linear: x,w,b = _arg(args, kwargs, 0, 'input'),_arg(args, kwargs, 1, 'weight'),_arg(args, kwargs, 2, 'bias')
+        else: x,w,b = args[0],args[1],None
+        wt = w if func is F.linear else w.t()  # `x @ W` is `F.linear(x, W.T)`
+        lazy = self.rows and isinstance(x, Tensor) and x.dim() >= 1 and isinstance(wt, Tensor) and wt.dim()==2 and wt.shape[0] >= self.rows
+        res = _fused().FusedLogits(x, wt, b) if lazy and (func is F.linear or not kwargs) else func(*args, **kwargs)
+        self.linears.append(LinearCall(w, b, res, mod))
+        return res
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        res = func(*args, **kwargs)
         mod = self.stack[-1] if self.stack else None
+        if func is F.linear or func in _MATMULS and len(args)==2 and isinstance(args[1], Tensor) and args[1].dim()==2:
+            return self._product(func, args, kwargs, mod)
+        res = func(*args, **kwargs)
         if func in (F.embedding, F.embedding_bag): ids,w = _arg(args, kwargs, 0, 'input'),_arg(args, kwargs, 1, 'weight')
         elif func is torch.embedding: w,ids = _arg(args, kwargs, 0, 'weight'),_arg(args, kwargs, 1, 'indices')
         elif func is Tensor.__getitem__ and isinstance(args[0], nn.Parameter) and args[0].dim()==2: w,ids = args
-        elif func is F.linear:
-            self.linears.append(LinearCall(_arg(args, kwargs, 1, 'weight'), _arg(args, kwargs, 2, 'bias'), res, mod)); return res
-        elif func in (torch.matmul, Tensor.__matmul__, Tensor.matmul, torch.mm, Tensor.mm) and len(args)==2 and isinstance(args[1], Tensor) and args[1].dim()==2:
-            self.linears.append(LinearCall(args[1], None, res, mod)); return res
         else: return res
         if isinstance(ids, Tensor) and not ids.is_floating_point() and ids.dtype is not torch.bool:
             self.lookups.append(Lookup(w, ids.detach().clone(), mod))
+            if isinstance(w, Tensor) and w.dim()==2: self.rows = max(self.rows, w.shape[0])
         return res
 
 # %% ../nbs/01b_trace.ipynb #c009
@@ -160,8 +175,10 @@ def logits_of(out)->Tensor|None:
     return out if isinstance(out, Tensor) else None
 
 def _same(a:Tensor, b:Tensor)->bool:
-    "Whether `b` is `a` or any view of it (a slice, a reshape, a broadcast `expand`): the same storage"
-    return a is b or b.numel() > 0 and a.untyped_storage().data_ptr()==b.untyped_storage().data_ptr()
+    "Whether `b` is `a` or any view of it (a slice, a reshape, a broadcast `expand`): the same storage; logits not computed are only themselves"
+    if a is b: return True
+    a, b = (x._real if isinstance(x, _fused().FusedLogits) else x for x in (a, b))  # nothing took a view of logits not computed
+    return a is not None and b is not None and b.numel() > 0 and a.untyped_storage().data_ptr()==b.untyped_storage().data_ptr()
 
 def _describe(x)->str:
     "Shapes and dtypes of the tensors in `x`, for error messages"
@@ -207,6 +224,8 @@ class Evidence:
         map_ids(shifted, lambda t: moved.append(t) or t)
         if all(x is y for x,y in zip(n_ids, moved)): raise NoEvidence("no batch tensor of token ids holds two different ids besides the pad")
         with untouched(model):
+            for m in model.modules():  # a fused output layer installed for a batch: the trace reads the layer's own forward
+                if isinstance(m.__dict__.get('forward'), _fused().FusedHead): del m.forward
             try:
                 a,out = _forward(model, xb)
                 s = logits_of(scored(out) if scored is not None else out)

@@ -53,3 +53,19 @@ def test_rows_table_is_the_saved_run():
 def test_resolve_bench_runs():
     out = subprocess.run([sys.executable, str(ROOT/'bench'/'resolve.py'), '--reps', '2'], check=True, capture_output=True, text=True, timeout=300).stdout
     assert 'resolve(), batch drawn from the data' in out
+
+def test_fit_bench_quick(tmp_path):
+    "bench/fit.py: a whole fit of plain fastai, padguard(fused=False) and padguard(), timed, with each one's peak growth"
+    out = tmp_path/'fit.json'
+    subprocess.run([sys.executable, str(ROOT/'bench'/'fit.py'), '--quick', '--json', str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert list(res['variants']) == ['plain fastai', 'padguard(fused=False)', 'padguard()']
+    assert all(d['median_s'] > 0 and 'growth_mb' in d for d in res['variants'].values())
+    vl = [d['valid_loss'] for d in res['variants'].values()]
+    assert abs(vl[1] - vl[2]) <= 1e-5 * abs(vl[1]), "fused and unfused validate alike"
+
+@pytest.mark.parametrize('saved', ['results-fit.json', 'results-fit-250k.json'])
+def test_fit_table_is_the_saved_run(saved):
+    table = subprocess.run([sys.executable, str(ROOT/'bench'/'fit.py'), '--table', str(ROOT/'bench'/saved)],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    assert table in (ROOT/'bench'/'README.md').read_text()

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from fastai.text.all import *
 from fastai_padguard.all import *
 from fastai_padguard.data import *
-from fastai_padguard.fused import FusedLogits, FusedHead, fused_head, chunk_rows
+from fastai_padguard.fused import FusedLogits, FusedHead, fused_head
+from fastai_padguard.chunked import chunk_rows
 from conftest import Float64Recorder, first_step, rel_err, LargestOutput, NanoGPT, ids_dls, HFLogits, RecordOps, SYNC_OPS, quiet
 
 def reference(h, w, b, t, rows, ignore_index=-100, reduction='mean', weight=None, label_smoothing=0.):
@@ -66,27 +67,27 @@ def test_chunks_never_hold_the_logits():
         assert rec.numel == limit, (fused, rec.numel)
 
 def test_softcap_and_casts_are_applied_per_chunk():
-    "Gemma 2's soft-cap tanh(x/c)*c and a .float() after the head stay lazy and give the reference's loss and gradient"
+    "Gemma 2's soft-cap tanh(x/c)*c and a cast after the head stay lazy and give the reference's loss and gradient"
     torch.manual_seed(1)
     h = torch.randn(30, 8, dtype=torch.float64, requires_grad=True); w = torch.randn(25, 8, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 25, (30,)); lf = PadCrossEntropyLossFlat(0, label_smoothing=.1)
     head = FusedHead(nn.Linear(8, 25), chunk=4)
     x = (torch.tanh(FusedLogits(h, w, None, head) / 3.) * 3.).double().contiguous()
-    assert type(x) is FusedLogits and len(x.fns) == 4
+    assert type(x) is FusedLogits and len(x.fns) == 3, "a cast to the dtype they have is the logits themselves, as in torch"
     l1 = lf(x, t); g1 = torch.autograd.grad(l1, (h, w))
     l2 = lf(torch.tanh(F.linear(h, w) / 3.) * 3., t); g2 = torch.autograd.grad(l2, (h, w))
     assert rel_err(l1, l2) <= 1e-12 and all(rel_err(a, e) <= 1e-12 for a, e in zip(g1, g2))
     assert not head.computed
 
 def test_anything_else_gets_the_logits_computed():
-    "Indexing, argmax, a tensor added: the real logits, with autograd; the head notes it"
+    "Indexing, softmax, a tensor added: the real logits, with autograd; the head notes it"
     h = torch.randn(6, 4, requires_grad=True); w = torch.randn(9, 4, requires_grad=True); b = torch.randn(9)
     head = FusedHead(nn.Linear(4, 9))
     x = FusedLogits(h, w, b, head)
     assert x.shape == (6, 9) and x.dtype == torch.float32 and x.requires_grad and len(x) == 6
     assert not head.computed
     ref = F.linear(h, w, b)
-    assert torch.equal(x[2:4], ref[2:4]) and torch.equal(x.argmax(-1), ref.argmax(-1)) and torch.equal(x + ref, 2*ref)
+    assert torch.equal(x[2:4], ref[2:4]) and torch.equal(x.softmax(-1), ref.softmax(-1)) and torch.equal(x + ref, 2*ref)
     assert head.computed
     (x * torch.ones(9)).sum().backward()
     assert torch.equal(h.grad, torch.ones(6, 9) @ w.detach())
@@ -203,15 +204,21 @@ def test_show_results_equal_unfused(monkeypatch):
     assert len(shown) == 2 and len(shown[0]) == 3 and list(shown[0].columns) == ['input', 'target', 'pred']
     assert shown[0].equals(shown[1]), (shown[0], shown[1])
 
+def mean_top_prob(inp, targ):
+    "A metric that needs the whole logits (a softmax over the vocab), not a per-token reduction"
+    return inp.softmax(-1).max(-1)[0].mean()
+
 def test_train_metrics_get_the_logits():
-    "train_metrics=True: the metric reads learn.pred in training, gets the logits computed, and the guard says so"
-    learn = awd(f64=True, metrics=accuracy)
-    learn.padguard(chunk=7)
-    learn.recorder.train_metrics = True
-    learn.fit(1, 1e-2)
-    vals = learn.recorder.values[-1]
-    assert 0 <= vals[1] <= 1
-    assert learn.fused_output.logits_computed and 'something read the training logits' in repr(learn.pad_guard)
+    "train_metrics=True: accuracy computes its argmax chunk by chunk; a metric that reads the whole logits gets them computed, and the guard says so"
+    for metric, computed in [(accuracy, False), (mean_top_prob, True)]:
+        learn = awd(f64=True, metrics=metric)
+        learn.padguard(chunk=7)
+        learn.recorder.train_metrics = True
+        learn.fit(1, 1e-2)
+        vals = learn.recorder.values[-1]
+        assert 0 <= vals[1] <= 1
+        assert learn.fused_output.logits_computed == computed
+        assert ('something read the training logits' in repr(learn.pad_guard)) == computed
 
 class PredReader(Callback):
     "Reads `learn.pred` of each training batch at `event` (after the optimizer's step): the loss it gives, and the logits"

@@ -104,7 +104,7 @@ def test_library_never_imports_transformers():
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == 'False'
 
-CORE = ['trace', 'rows', 'ce', 'fused', 'ops', 'rowparams']
+CORE = ['trace', 'rows', 'ce', 'chunked', 'fused', 'ops', 'rowparams']
 
 def test_the_core_needs_no_fastai():
     "The mechanisms import nothing from fastai: they import and run with fastai (and fastcore) blocked"
