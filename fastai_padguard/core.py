@@ -289,6 +289,7 @@ class FusedOutput(Callback):
         self._decide(guard.current_resolution() if isinstance(guard, PadGuard) else None)
 
     def before_train(self):
+        "Count the logits computed whole in this training phase only"
         if self.head is not None: self.head.computed = False
     def after_train(self):
         "Whether something read the training logits whole (a metric that needs them, a callback): `learn.pad_guard` says so"
@@ -298,9 +299,8 @@ class FusedOutput(Callback):
         "Validation: logits something kept (`get_preds`) are computed at the end of their batch, as fastai would have held them"
         if not self.training and self.head is not None: self.head.settle(keep=self.learn.pred)
 
-
     def after_loss(self):
-        "The fused output layer is only for the loss of a training batch: anything after it gets the layer's own forward"
+        "The fused output layer is only for the loss of a batch: anything after it gets the layer's own forward"
         if self.head is not None: self.head.on = False
 
     def before_step(self):

@@ -6,10 +6,56 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/ops.html.md"""
 
 # %% ../nbs/01d_ops.ipynb #c003
 from __future__ import annotations
+import dataclasses
 import torch
+from .rows import rows_on
+try: from torch.distributed.tensor import DTensor, Shard, Replicate  # torch >= 2.4
+except ImportError:
+    try: from torch.distributed._tensor import DTensor, Shard, Replicate
+    except ImportError: DTensor = Shard = Replicate = None  # a torch built without distributed
 
 # %% auto #0
-__all__ = ['RowKeeper', 'GuardedStep', 'guard_step', 'unguard_step']
+__all__ = ['is_sharded', 'local', 'local_rows', 'retarget', 'RowKeeper', 'GuardedStep', 'guard_step', 'unguard_step']
+
+# %% ../nbs/01d_ops.ipynb #c004b
+def is_sharded(p)->bool:
+    "Whether `p` is a `DTensor` (sharded or replicated across processes: FSDP2, tensor parallelism)"
+    return DTensor is not None and isinstance(p, DTensor)
+
+def local(t:torch.Tensor)->torch.Tensor:
+    "What this process holds of `t`: its local shard for a `DTensor`, else `t`"
+    return t.to_local() if is_sharded(t) else t
+
+def local_rows(p:torch.Tensor, # A parameter: a plain tensor, or a `DTensor`
+               dim:int, # The axis the rows index
+               rows, # Row indices along `dim`, global
+              )->tuple:
+    "The `rows` of `p` along `dim` that this process holds, as indices into `local(p)`: all of them for a plain tensor"
+    if not is_sharded(p): return tuple(rows)
+    start, size = 0, p.shape[dim]
+    for md, pl in enumerate(p.placements):
+        if type(pl) is Replicate or type(pl) is Shard and pl.dim != dim: continue  # every row of this axis is here
+        if type(pl) is not Shard:
+            raise ValueError(f"A guarded parameter of shape {tuple(p.shape)} is a DTensor placed {p.placements}: its rows along axis {dim} "
+                             "can only be kept when it is replicated or sharded by whole rows (Shard(0), as fully_shard does)")
+        n, c = p.device_mesh.size(md), p.device_mesh.get_local_rank(md)
+        chunk = -(-size // n)  # torch.chunk's split, which fully_shard and distribute_tensor use
+        start, size = start + c*chunk, max(0, min(chunk, size - c*chunk))
+    if local(p).shape[dim] != size:
+        raise ValueError(f"A guarded parameter of shape {tuple(p.shape)} holds {local(p).shape[dim]} rows along axis {dim} on this process, "
+                         f"not the {size} that torch.chunk's split gives: its sharding is not one the guard can map rows onto")
+    return tuple(r - start for r in rows if start <= r < start + size)
+
+def retarget(targets:list, # `Target`s found on the model before it was sharded
+             model:torch.nn.Module, # The model now: its parameters of the same names (`fully_shard` replaces them)
+            )->list:
+    "The same `Target`s on `model`'s parameters of the same names"
+    params = dict(model.named_parameters(remove_duplicate=False))
+    def new(t):
+        n = t.names.split(' = ')[0]
+        if n not in params: raise ValueError(f"The model has no parameter '{n}' any more (guarded as {t!r}): resolve the rows on it again")
+        return dataclasses.replace(t, param=params[n])
+    return [new(t) for t in targets]
 
 # %% ../nbs/01d_ops.ipynb #c005
 class RowKeeper:
@@ -21,21 +67,21 @@ class RowKeeper:
         if mode not in ('zero', 'freeze'):
             raise ValueError(f"mode={mode!r} is not one of 'zero' (rows kept at 0) or 'freeze' (rows kept at their values when fit starts)")
         self.targets, self.mode = targets, mode
-        self.idx = [t.index() for t in targets]  # worked out once: each step only reads them
-        self.saved = [t.param.detach().index_select(t.dim, i) for t,i in zip(targets, self.idx)] if mode=='freeze' else None
+        self.idx = [rows_on(local_rows(t.param, t.dim, t.rows), t.param.device) for t in targets]  # once: each step only reads them
+        self.saved = [local(t.param.detach()).index_select(t.dim, i) for t,i in zip(targets, self.idx)] if mode=='freeze' else None
 
     def zero_grads(self):
         "Zero the rows of every gradient (before clipping, mixed precision's checks or the optimizer read them)"
         for t,i in zip(self.targets, self.idx):
-            if t.param.grad is not None: t.param.grad.index_fill_(t.dim, i, 0.)
+            if t.param.grad is not None: local(t.param.grad).index_fill_(t.dim, i, 0.)
 
     def write_back(self):
         "Set the rows to 0 (or their kept values): what every optimizer step ends with"
         with torch.no_grad():
             if self.mode=='zero':
-                for t,i in zip(self.targets, self.idx): t.param.index_fill_(t.dim, i, 0.)
+                for t,i in zip(self.targets, self.idx): local(t.param).index_fill_(t.dim, i, 0.)
             else:
-                for t,i,v in zip(self.targets, self.idx, self.saved): t.param.index_copy_(t.dim, i, v)
+                for t,i,v in zip(self.targets, self.idx, self.saved): local(t.param).index_copy_(t.dim, i, v)
 
 # %% ../nbs/01d_ops.ipynb #c007
 class GuardedStep:
