@@ -1,4 +1,5 @@
 import os, warnings, pytest, torch
+from contextlib import contextmanager
 warnings.filterwarnings('ignore', category=FutureWarning)
 import fastai
 from packaging.version import Version
@@ -123,6 +124,26 @@ class LargestOutput(TorchDispatchMode):
         for o in (out if isinstance(out, (tuple, list)) else [out]):  # elements stored: a view or an expand holds none of its own
             if isinstance(o, torch.Tensor): self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
         return out
+
+class _EnterEachBatch(Callback):
+    order, pred_after_step = CastToTensor.order + 1, False  # after fastai's cast (fastai 2.7's as_subclass fails under a dispatch mode)
+    def __init__(self, rec): self.rec = rec
+    def before_batch(self): self.rec.__enter__(); self.rec.on = True
+
+class _ExitEachBatch(Callback):
+    # after every after_batch (the Recorder's metrics, GatherPredsCallback); on fastai 2.7, before the Recorder's, which makes
+    # fastai tensors (its as_subclass fails under a dispatch mode)
+    order, pred_after_step = 200 if Version(fastai.__version__) >= Version('2.8') else Recorder.order - 1, False
+    def __init__(self, rec): self.rec = rec
+    def after_batch(self): self.rec.__exit__(None, None, None); self.rec.on = False
+
+@contextmanager
+def largest_in_batches():
+    "A `LargestOutput` on for each batch's work (the rows found at a fit's first batch, forward, loss, metrics, step), and its callbacks"
+    rec = LargestOutput(); rec.on = False
+    try: yield rec, [_EnterEachBatch(rec), _ExitEachBatch(rec)]
+    finally:
+        if rec.on: rec.__exit__(None, None, None)  # a batch that raised: the mode is not left on for what follows
 
 class NewStorages(TorchDispatchMode):
     "How many new storages of at least `numel` elements ops write while it is on (in-place writes and views are not new)"
