@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .rows import Guarded
 from .ce import PadCrossEntropy
 from .chunked import chunk_rows, linear_ce
+from .ops import is_sharded
 
 # %% auto #0
 __all__ = ['autocast_state', 'FusedLogits', 'FusedHead', 'Fusion', 'fused_head']
@@ -248,5 +249,7 @@ def fused_head(model:nn.Module, # The learner's model
     if type(g.head).forward is not nn.Linear.forward:
         return Fusion(None, f"the output layer is a {type(g.head).__name__}, whose forward is not nn.Linear's (a LoRA or quantized layer?)")
     if _compiled(model): return Fusion(None, "the model is compiled (torch.compile), and the output layer's forward is inside its graph")
+    if is_sharded(g.head.weight):
+        return Fusion(None, "the output layer's weight is sharded (FSDP2's fully_shard, tensor parallelism): it is whole only inside its forward")
     if g.head._forward_hooks: return Fusion(None, "a forward hook on the output layer reads (or changes) its logits")
     return Fusion(FusedHead(g.head, chunk))

@@ -12,6 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from fastai_padguard.rows import find_guarded
 from fastai_padguard.ops import RowKeeper, guard_step, retarget, local, local_rows
+from fastai_padguard.fused import fused_head
+from fastai_padguard.ce import PadCrossEntropy
 
 V, PAD, FAKE = 13, 1, 12  # 13 rows: 7 on rank 0, 6 on rank 1; the pad on rank 0, the other guarded row on rank 1
 
@@ -61,12 +63,13 @@ m, g, batches = model_and_rows()  # found on the model as it is, before sharding
 for b in m.blocks: fully_shard(b, mesh=mesh)
 fully_shard(m, mesh=mesh)  # the tied table and head, the root
 targets = retarget(g.targets, m)
+why = fused_head(m, PadCrossEntropy(PAD), g, None).why  # the head's weight is a sharded DTensor now: no fused pass
 losses = run(m, RowKeeper(targets, mode), batches)
 full = {n: p.full_tensor() for n, p in m.named_parameters()}
 rank = dist.get_rank()
 torch.save({'ref_losses': ref, 'losses': losses, 'ref': {n: p.detach() for n, p in m1.named_parameters()}, 'full': full,
             'before': before, 'rows': {t.names: t.rows for t in targets}, 'local_shape': tuple(local(m.emb.weight).shape),
-            'local_rows': local_rows(m.emb.weight, 0, (PAD, FAKE)),
+            'fused_why': why, 'local_rows': local_rows(m.emb.weight, 0, (PAD, FAKE)),
             'local_pad_rows': local(m.emb.weight.detach())[list(local_rows(m.emb.weight, 0, (PAD, FAKE)))].clone()}, out/f'rank{rank}.pt')
 dist.barrier()
 dist.destroy_process_group()

@@ -48,6 +48,7 @@ def test_rows_on_fsdp2_shards_equal_one_process(tmp_path, mode):
     r0, r1 = (torch.load(tmp_path/f'rank{i}.pt') for i in (0, 1))
     assert (r0['local_shape'], r1['local_shape']) == ((7, 6), (6, 6)), "13 rows: 7 on rank 0, 6 on rank 1"
     assert (r0['local_rows'], r1['local_rows']) == ((1,), (5,)), "the pad on rank 0's shard, row 12 on rank 1's (its 6th)"
+    assert 'sharded' in (r0['fused_why'] or '') and 'FSDP2' in r0['fused_why'], "the fused pass is off for a sharded output layer, saying why"
     for r in (r0, r1):
         assert r['rows'] == {'emb.weight = head.weight': (1, 12), 'head.bias': (1, 12)}
         assert torch.equal(r['losses'], r['ref_losses'])
