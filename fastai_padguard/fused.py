@@ -72,7 +72,7 @@ def _reduction(func, args, kwargs):
     kw = dict(zip(('k', 'dim', 'largest', 'sorted') if name=='topk' else ('dim', 'keepdim'), args[1:]), **kwargs)
     if name == 'topk':
         if 'k' not in kw or set(kw) - {'k', 'dim', 'largest', 'sorted'} or not _last(x, kw.get('dim', -1)): return None
-        return (lambda z: torch.topk(z, kw['k'], -1, kw.get('largest', True), kw.get('sorted', True))), True
+        return (lambda z: torch.topk(z, kw['k'], -1, kw.get('largest', True), kw.get('sorted', True))), False  # no keepdim
     if set(kw) - {'dim', 'keepdim'} or not isinstance(kw.get('dim'), int) or not _last(x, kw['dim']): return None
     return (lambda z: torch.argmax(z, -1)) if name=='argmax' else (lambda z: torch.max(z, -1)), kw.get('keepdim', False)
 
@@ -136,13 +136,17 @@ class FusedLogits(Tensor):
         with torch._C.DisableTorchFunctionSubclass(), torch.no_grad(): self.set_(r)
         self.__dict__.clear(); self.__class__ = Tensor
 
+    def _chunk(self, h:Tensor)->int:
+        "Tokens per chunk for the rows `h`: the head's, or `chunk_rows` of the sizes"
+        return self.head.chunk if self.head is not None and self.head.chunk else chunk_rows(h.shape[0], self.weight.shape[0], h.shape[1])
+
     def per_token(self,
         f, # A function of a chunk of logits, `(tokens, vocab)`, giving a tensor (or a tuple of them) with one row per token
     ):
         "`f` of the logits, a chunk of tokens at a time, the results joined: `argmax`, `max` and `topk` over the vocab compute themselves so"
         self._fresh()
         h = _plain(self.h).reshape(-1, self.h.shape[-1])
-        n = self.head.chunk if self.head is not None and self.head.chunk else chunk_rows(h.shape[0], self.weight.shape[0], h.shape[1])
+        n = self._chunk(h)
         with torch.set_grad_enabled(self.grad_on and torch.is_grad_enabled()):
             parts = [f(self._logits(h[s:s+n])) for s in range(0, h.shape[0], n)]
         join = lambda xs: torch.cat(xs).reshape(*self.shape[:-1], *xs[0].shape[1:]).to(self.device)
@@ -161,7 +165,7 @@ class FusedLogits(Tensor):
             if red is not None:
                 f, keep = red
                 r = x.per_token(f)
-                if not keep or _PER_TOKEN[func]=='topk': return r
+                if not keep: return r
                 return r.unsqueeze(-1) if isinstance(r, Tensor) else type(r)([v.unsqueeze(-1) for v in r])
         mat = lambda o: o.materialize() if isinstance(o, cls) else o
         args = [type(a)(mat(o) for o in a) if isinstance(a, (list, tuple)) else mat(a) for a in args]
@@ -183,7 +187,7 @@ class FusedLogits(Tensor):
             return ce(z.reshape(-1, z.shape[-1]), t)
         self._fresh()
         h = _plain(self.h).reshape(-1, self.h.shape[-1])
-        return linear_ce(h, self.weight, self.bias, t, ce, self.fns, self.head.chunk if self.head is not None else None, self.cast)
+        return linear_ce(h, self.weight, self.bias, t, ce, self.fns, self._chunk(h), self.cast)
 
 
 # %% ../nbs/02a_fused.ipynb #c009
