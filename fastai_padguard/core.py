@@ -11,7 +11,7 @@ from .rows import *
 from .losses import PadCrossEntropyLossFlat
 from .fused import Fusion, fused_head
 from .chunked import check_chunk
-from .ops import RowKeeper, guard_step, unguard_step
+from .ops import RowKeeper, guard_step, unguard_step, is_sharded
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 import random
@@ -120,8 +120,12 @@ class PadGuard(Callback):
         check_loss:bool=True, # Also check the learner's `PadCrossEntropyLossFlat` against what is found
     )->Guarded:
         "Find what is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
-        if batch is None: batch = learner_batch(self.learn)
         model = self.learn.model
+        if any(is_sharded(p) for p in model.parameters()):
+            raise ValueError("learn.model is sharded (FSDP2's fully_shard): the tracer would see the parameters FSDP gathers for each "
+                             "forward, not the shards the optimizer steps. learn.fsdp_ctx() finds the rows on the whole model before it "
+                             "shards it; sharding by hand, resolve first, then keep() the resolution moved onto the shards (ops.retarget)")
+        if batch is None: batch = learner_batch(self.learn)
         with patch_weight_dropout() if weight_dropout_remedy_needed(model) else nullcontext():
             g = find_guarded(model, learn_vocab(self.learn), self.pad_idx, self.extra_idxs, self.emb, self.out, batch, learner_scored(self.learn))
         if check_loss: pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
@@ -174,7 +178,8 @@ class PadGuard(Callback):
         "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch, then keep them"
         if not self.training or self.keeper is not None: return
         self._one_guard()
-        g = self.resolve((self.xb, self.yb), check_loss=False)
+        sharded = any(is_sharded(p) for p in self.learn.model.parameters())  # the rows found on the whole model when it was sharded
+        g = self.resolution if sharded and self._is_current(self.resolution) else self.resolve((self.xb, self.yb), check_loss=False)
         rows = pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         if rows is not None: self.learn.loss_func.set_rows(g.pad_idx, rows)
         self.keep(g)

@@ -59,3 +59,83 @@ def test_rows_on_fsdp2_shards_equal_one_process(tmp_path, mode):
         for n in ('emb.weight', 'head.bias'):
             want = torch.zeros_like(r['before'][n][rows]) if mode == 'zero' else r['before'][n][rows]
             assert torch.equal(r['full'][n][rows], want), n
+
+def _fsdp_run(tmp_path, *args):
+    "tests/fsdp_train.py on 2 processes (torchrun, gloo): each rank's results"
+    if not hasattr(__import__('torch.distributed.fsdp', fromlist=['x']), 'fully_shard'): pytest.skip('torch.distributed.fsdp.fully_shard: torch >= 2.6')
+    torchrun = Path(sys.executable).parent/'torchrun'
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([str(torchrun), '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(_free_port()),
+                        str(HERE/'fsdp_train.py'), str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [torch.load(tmp_path/f'rank{i}.pt', weights_only=False) for i in (0, 1)]
+
+@pytest.fixture(scope='module', params=['awd', 'gpt2'])
+def fsdp_family(request, tmp_path_factory):
+    "One 2-process run of tests/fsdp_train.py per family, read by the tests below"
+    return request.param, _fsdp_run(tmp_path_factory.mktemp(f'fsdp-{request.param}'), request.param)
+
+def _rel(a, b): return ((a - b).abs().max() / b.abs().max()).item()
+
+# the guarded rows each rank's shard holds: 'awd' rows [1, 29, 30, 31] of a 32-row table (16 a rank), 'gpt2' rows [0, 39] of 40
+SHARD_ROWS = {'awd': ({'0.encoder.weight = 0.encoder_dp.emb.weight = 1.decoder.weight': 1, '1.decoder.bias': 1},
+                      {'0.encoder.weight = 0.encoder_dp.emb.weight = 1.decoder.weight': 3, '1.decoder.bias': 3}),
+              'gpt2': ({'transformer.wte.weight = lm_head.weight': 1}, {'transformer.wte.weight = lm_head.weight': 1})}
+
+@pytest.mark.slow
+def test_fsdp_ctx_trains_like_one_process(fsdp_family):
+    "learn.fsdp_ctx(), 2 processes, per block, float64, 5 AdamW steps with wd: one process's losses and weights; rows 0 on every shard"
+    family, (r0, r1) = fsdp_family
+    for r in (r0, r1):
+        assert _rel(r['losses'], r['ref_losses']) < 1e-12, "each step's loss (the mean of the ranks' halves) is one process's"
+        for n, p in r['ref'].items(): assert _rel(r['fsdp'][n], p) < 1e-12, n  # fused (one process) equals unfused (FSDP2)
+        assert 'sharded' in r['guard'] and 'fused: off' in r['guard'], "the fused pass is off under FSDP2, with the reason"
+    for r, want in zip((r0, r1), SHARD_ROWS[family]):
+        assert len(r['checks']) == 5 * len(want), "checked after each of 5 steps"
+        assert {(n, k) for n, k, _ in r['checks']} == set(want.items()), "each rank holds its share of the guarded rows"
+        assert all(ok for *_, ok in r['checks']), "the guarded rows of every shard exactly 0 after every step"
+    rows = [1, 29, 30, 31] if family == 'awd' else [0, 39]
+    emb = '0.encoder.weight' if family == 'awd' else 'transformer.wte.weight'
+    assert torch.equal(r0['fsdp'][emb][rows], torch.zeros(len(rows), r0['fsdp'][emb].shape[1]))
+    # validation gathered across the ranks; an AWD-LSTM's hidden state starts anew at each rank's half of the validation stream
+    assert r0['valid'] == r1['valid'] and abs(r0['valid'] - r0['ref_valid']) / r0['ref_valid'] < (1e-12 if family == 'gpt2' else 1e-3)
+    if family == 'gpt2':  # get_preds: each batch's parts gathered, in fastai's DistributedDL order (as distrib_ctx's)
+        (p, t), (rp, rt) = r0['preds'], r0['ref_preds']
+        order = [i for k in range(0, 16, 8) for r in (0, 16) for i in range(r + k, r + k + 8)]  # 32 items: 16 a rank, 8 a batch
+        assert p.shape == rp.shape and torch.equal(t, rt[order]) and _rel(p, rp[order]) < 1e-12
+
+@pytest.mark.slow
+def test_fsdp_ctx_checkpoint_export_and_inplace_hazard(fsdp_family):
+    "Sharded learn.save/load restore bitwise; export loads with load_learner in one process; an in-place edit of the output is refused"
+    from fastai.learner import load_learner
+    family, (r0, r1) = fsdp_family
+    for r in (r0, r1):
+        assert r['moved'] and r['restored'], "trained past the checkpoint, then load put every weight back bitwise"
+        assert r['opt_restored'] and r['opt_tensors'] > 0, "and the optimizer's state"
+        assert isinstance(r['inplace'], str), f"the in-place edit trained: weights {r['inplace']:.3g} (max rel.) from the run editing a copy"
+        assert 'edited in place' in r['inplace'] and r['inplace_unchanged'], "refused before the backward: the weights as they were"
+        assert r['after_type'] in ('SequentialRNN', 'GPT2LMHeadModel'), "on leaving, a plain whole model"
+    for n in r0['after']: assert torch.equal(r0['after'][n], r1['after'][n]), n
+    learn = load_learner(Path(r0['export']), cpu=True)
+    got = dict(learn.model.named_parameters())
+    assert got.keys() == r0['after'].keys()
+    for n, p in r0['after'].items(): assert torch.equal(got[n].detach(), p), n
+    assert type(learn.model).__name__ == r0['after_type']
+
+@pytest.mark.slow
+def test_fsdp_ctx_mixed_precision_keeps_rows(tmp_path):
+    "mp='bf16' (FSDP2's MixedPrecisionPolicy): the losses near one float64 process's, the guarded rows of every shard exactly 0"
+    r0, r1 = _fsdp_run(tmp_path, 'gpt2', 'bf16')
+    for r in (r0, r1):
+        assert _rel(r['losses'], r['ref_losses']) < 1e-2
+        assert all(ok for *_, ok in r['checks']) and len(r['checks']) == 5
+
+@pytest.mark.slow
+def test_fsdp_ctx_refuses_train_rows(tmp_path):
+    "Rows that train (learn.train_rows) can't be carried onto FSDP2's shards yet: refused before sharding, saying what to do"
+    if not hasattr(__import__('torch.distributed.fsdp', fromlist=['x']), 'fully_shard'): pytest.skip('torch.distributed.fsdp.fully_shard: torch >= 2.6')
+    torchrun = Path(sys.executable).parent/'torchrun'
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([str(torchrun), '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(_free_port()),
+                        str(HERE/'fsdp_train.py'), str(tmp_path), 'awd', 'rows'], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode != 0 and 'learn.train_rows(None)' in r.stderr
