@@ -11,7 +11,7 @@ from .rows import *
 from .losses import PadCrossEntropyLossFlat
 from .fused import Fusion, fused_head
 from .chunked import check_chunk
-from .ops import RowKeeper, guard_step, unguard_step, is_sharded
+from .ops import RowKeeper, guard_step, unguard_step, is_sharded, check_not_zero
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 import random
@@ -180,6 +180,7 @@ class PadGuard(Callback):
         self._one_guard()
         sharded = any(is_sharded(p) for p in self.learn.model.parameters())  # the rows found on the whole model when it was sharded
         g = self.resolution if sharded and self._is_current(self.resolution) else self.resolve((self.xb, self.yb), check_loss=False)
+        check_not_zero(self.learn.opt, g.targets)  # before any row changes
         rows = pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         if rows is not None: self.learn.loss_func.set_rows(g.pad_idx, rows)
         self.keep(g)

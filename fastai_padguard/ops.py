@@ -15,7 +15,8 @@ except ImportError:
     except ImportError: DTensor = Shard = Replicate = None  # a torch built without distributed
 
 # %% auto #0
-__all__ = ['is_sharded', 'local', 'local_rows', 'retarget', 'RowKeeper', 'GuardedStep', 'guard_step', 'unguard_step']
+__all__ = ['is_sharded', 'local', 'local_rows', 'retarget', 'RowKeeper', 'GuardedStep', 'guard_step', 'unguard_step',
+           'check_not_zero']
 
 # %% ../nbs/01d_ops.ipynb #c004b
 def is_sharded(p)->bool:
@@ -114,3 +115,15 @@ def unguard_step(opt, # An optimizer `guard_step` may have wrapped
     if isinstance(cur, GuardedStep):
         if cur.had: opt.step = cur.step
         else: del opt.step
+
+# %% ../nbs/01d_ops.ipynb #c010b
+def check_not_zero(opt, # The optimizer that will step (torch's, fastai's, or one wrapped in fastai's `OptimWrapper`)
+                   targets:list=(), # The `Target`s whose rows will be kept
+                  ):
+    "Refuse DeepSpeed ZeRO: its fp32 master copy would write the kept rows over at every step"
+    inner = [o for o in (opt, getattr(opt, 'opt', None), getattr(opt, 'optimizer', None)) if o is not None]
+    zero = [type(o).__name__ for o in inner if type(o).__module__.split('.')[0] == 'deepspeed']
+    zero += [t.names for t in targets if hasattr(t.param, 'ds_id')]  # ZeRO-3 marks the parameters it partitions
+    if zero: raise RuntimeError(f"DeepSpeed ZeRO ({zero[0]}): it keeps its own fp32 master copy of the weights and writes it over "
+                                "them at every step, so the guarded rows would move again. Train with DDP (distrib_ctx) or FSDP2 "
+                                "(fastai_padguard.fsdp's fsdp_ctx), which the guard keeps exact")

@@ -69,3 +69,18 @@ def test_fit_table_is_the_saved_run(saved):
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'fit.py'), '--table', str(ROOT/'bench'/saved)],
                            check=True, capture_output=True, text=True).stdout.strip()
     assert table in (ROOT/'bench'/'README.md').read_text()
+
+@pytest.mark.slow
+def test_fsdp_bench_quick(tmp_path):
+    "bench/fsdp.py --quick: DDP and FSDP2 on 2 processes (gloo); FSDP2 holds half the weights, gradients and optimizer state a rank"
+    if not hasattr(__import__('torch.distributed.fsdp', fromlist=['x']), 'fully_shard'): pytest.skip('torch.distributed.fsdp.fully_shard: torch >= 2.6')
+    out = tmp_path/'r.json'
+    subprocess.run([sys.executable, str(ROOT/'bench'/'fsdp.py'), '--quick', '--json', str(out)], check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())['results']
+    ddp, fsdp = res['DDP, padguard()'], res['FSDP2, padguard()']
+    assert abs(fsdp['state_mb'] / ddp['state_mb'] - 0.5) < 0.05
+
+def test_fsdp_table_is_the_saved_run():
+    table = subprocess.run([sys.executable, str(ROOT/'bench'/'fsdp.py'), '--table', str(ROOT/'bench'/'results-fsdp.json')],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    assert table in (ROOT/'bench'/'README.md').read_text()

@@ -183,3 +183,17 @@ def test_thread_configuration_trains_validates_exports(lm_dls, tmp_path):
     assert WeightDropout._setweights is orig
     rows = guarded_rows_of(lm_dls.vocab)
     for l in (learn, learn2): assert torch.equal(l.model[0].encoder.weight.detach()[rows], torch.zeros(len(rows), 32))
+
+class _ZeroOptimizer(torch.optim.SGD):
+    "Stands in for DeepSpeed's ZeRO stage 1/2 optimizer, which keeps its own fp32 master copy of the weights"
+_ZeroOptimizer.__module__ = 'deepspeed.runtime.zero.stage_1_and_2'
+
+@pytest.mark.parametrize('how', ['zero3-param', 'zero-optimizer'])
+def test_deepspeed_zero_refused_before_any_weight_changes(lm, how):
+    "Under DeepSpeed ZeRO the master copy would write the rows over at the next step: refused at the first batch, weights as they were"
+    opt_func = partial(OptimWrapper, opt=partial(_ZeroOptimizer, lr=1e-2)) if how == 'zero-optimizer' else Adam
+    learn = lm(opt_func=opt_func).padguard()
+    if how == 'zero3-param': learn.model[0].encoder.weight.ds_id = 0  # what ZeRO-3 sets on a parameter it partitions
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    with pytest.raises(RuntimeError, match='DeepSpeed ZeRO'): learn.fit(1, 1e-2)
+    for n, p in learn.model.named_parameters(): assert torch.equal(p, before[n]), n
