@@ -58,9 +58,9 @@ class Sharding:
 def _policy(mp):
     _, MP = _fsdp()
     if mp is None or isinstance(mp, MP): return mp
-    dt = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(mp)
-    if dt is None: raise ValueError(f"mp={mp!r}: pass None (the parameters' own dtype), 'bf16', 'fp16' or a torch MixedPrecisionPolicy")
-    return MP(param_dtype=dt, reduce_dtype=torch.float32)
+    if mp != 'bf16': raise ValueError(f"mp={mp!r}: pass None (the parameters' own dtype), 'bf16' or a torch MixedPrecisionPolicy "
+                                      "(float16 needs loss scaling, which FSDP2's policy does not do)")
+    return MP(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 def _meta_copy(model):
     "A copy of `model` whose parameters are on the meta device (ties kept), made without copying the weights"
@@ -72,7 +72,7 @@ def _meta_copy(model):
 def shard_model(model:nn.Module, # The model, whole, on this process's device
                 mesh, # The `DeviceMesh` to shard over
                 units:list|None=None, # Names of the modules to shard on their own; by default `block_units(model)`
-                mp=None, # Mixed precision: None, 'bf16', 'fp16' or a `MixedPrecisionPolicy`
+                mp=None, # Mixed precision: None, 'bf16' (gathered in bfloat16, reduced in float32) or a torch `MixedPrecisionPolicy`
                 reshard_after_forward:bool=True, # Free each unit's gathered parameters after its forward (FSDP2's default)
                )->list:
     "Shard `model` in place with FSDP2's `fully_shard`: each of `units` on its own, the root (tables, head, the rest) last"
@@ -168,7 +168,8 @@ class FSDPTrainer(Callback):
     def before_batch(self): self.outs = []
     def after_loss(self):
         "Refuse, before the backward, a batch whose model output was edited in place: FSDP2's backward hook on it is gone"
-        for t, v in self.outs:
+        outs, self.outs = self.outs, []  # not held past the check
+        for t, v in outs:
             if t._version != v:
                 raise RuntimeError("The model's output was edited in place (a loss or an after_pred callback doing pred[..., i] = x, "
                                    "pred.masked_fill_(...)): FSDP2 hooks its backward onto that output, and an in-place op on it moves "
@@ -189,7 +190,7 @@ def _sharding(learn): return next((c.sharding for c in learn.cbs if isinstance(c
 
 def shard_learner(learn:Learner, # A learner whose model is whole
                   units:list|None=None, # Names of the modules to shard on their own; by default `block_units`
-                  mp=None, # Mixed precision: None, 'bf16', 'fp16' or a `MixedPrecisionPolicy`
+                  mp=None, # Mixed precision: None, 'bf16' (gathered in bfloat16, reduced in float32) or a torch `MixedPrecisionPolicy`
                   reshard_after_forward:bool=True, # Free each unit's gathered parameters after its forward
                  )->Sharding:
     "Shard `learn.model` across the process group (rank 0's weights on every process, as DDP), its optimizer and guard with it"
@@ -305,7 +306,7 @@ _METHODS = {'save': save_sharded, 'load': load_sharded, 'export': export_sharded
 @contextmanager
 def fsdp_ctx(self:Learner,
     units:list|None=None, # Names of the modules to shard on their own; by default each item of a `ModuleList` of blocks (`block_units`)
-    mp=None, # Mixed precision: None, 'bf16', 'fp16' or a torch `MixedPrecisionPolicy`
+    mp=None, # Mixed precision: None, 'bf16' (gathered in bfloat16, reduced in float32) or a torch `MixedPrecisionPolicy`
     reshard_after_forward:bool=True, # Free each unit's gathered parameters after its forward (FSDP2's default)
 ):
     "Train with the model sharded across processes by FSDP2 (`fully_shard`); on leaving, every process holds the whole model again"
