@@ -60,13 +60,16 @@ def test_rows_on_fsdp2_shards_equal_one_process(tmp_path, mode):
             want = torch.zeros_like(r['before'][n][rows]) if mode == 'zero' else r['before'][n][rows]
             assert torch.equal(r['full'][n][rows], want), n
 
-def _fsdp_run(tmp_path, *args):
-    "tests/fsdp_train.py on 2 processes (torchrun, gloo): each rank's results"
+def _fsdp_run(tmp_path, *args, ok=True):
+    "tests/fsdp_train.py on 2 processes (torchrun, gloo): each rank's results (`ok=False`: the finished process, which failed)"
     if not hasattr(__import__('torch.distributed.fsdp', fromlist=['x']), 'fully_shard'): pytest.skip('torch.distributed.fsdp.fully_shard: torch >= 2.6')
     torchrun = Path(sys.executable).parent/'torchrun'
     env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([str(torchrun), '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(_free_port()),
                         str(HERE/'fsdp_train.py'), str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if not ok:
+        assert r.returncode != 0, "it was to fail"
+        return r
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [torch.load(tmp_path/f'rank{i}.pt', weights_only=False) for i in (0, 1)]
 
@@ -133,9 +136,4 @@ def test_fsdp_ctx_mixed_precision_keeps_rows(tmp_path):
 @pytest.mark.slow
 def test_fsdp_ctx_refuses_train_rows(tmp_path):
     "Rows that train (learn.train_rows) can't be carried onto FSDP2's shards yet: refused before sharding, saying what to do"
-    if not hasattr(__import__('torch.distributed.fsdp', fromlist=['x']), 'fully_shard'): pytest.skip('torch.distributed.fsdp.fully_shard: torch >= 2.6')
-    torchrun = Path(sys.executable).parent/'torchrun'
-    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([str(torchrun), '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(_free_port()),
-                        str(HERE/'fsdp_train.py'), str(tmp_path), 'awd', 'rows'], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode != 0 and 'learn.train_rows(None)' in r.stderr
+    assert 'learn.train_rows(None)' in _fsdp_run(tmp_path, 'awd', 'rows', ok=False).stderr
