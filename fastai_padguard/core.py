@@ -11,7 +11,7 @@ from .rows import *
 from .losses import PadCrossEntropyLossFlat
 from .fused import Fusion, fused_head
 from .chunked import check_chunk
-from .ops import RowKeeper, guard_step, unguard_step, is_sharded, check_not_zero
+from .ops import RowKeeper, guard_step, unguard_step, sharded_model, check_not_zero
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 import random
@@ -121,7 +121,7 @@ class PadGuard(Callback):
     )->Guarded:
         "Find what is guarded in the learner's current model and data (a `Guarded`); raises if they disagree"
         model = self.learn.model
-        if any(is_sharded(p) for p in model.parameters()):
+        if sharded_model(model):
             raise ValueError("learn.model is sharded (FSDP2's fully_shard): the tracer would see the parameters FSDP gathers for each "
                              "forward, not the shards the optimizer steps. learn.fsdp_ctx() finds the rows on the whole model before it "
                              "shards it; sharding by hand, resolve first, then keep() the resolution moved onto the shards (ops.retarget)")
@@ -178,8 +178,8 @@ class PadGuard(Callback):
         "At the first training batch of a fit (or the first after the guard was added): find the rows from this batch, then keep them"
         if not self.training or self.keeper is not None: return
         self._one_guard()
-        sharded = any(is_sharded(p) for p in self.learn.model.parameters())  # the rows found on the whole model when it was sharded
-        g = self.resolution if sharded and self._is_current(self.resolution) else self.resolve((self.xb, self.yb), check_loss=False)
+        kept = sharded_model(self.learn.model) and self._is_current(self.resolution)  # found on the whole model when it was sharded
+        g = self.resolution if kept else self.resolve((self.xb, self.yb), check_loss=False)
         check_not_zero(self.learn.opt, g.targets)  # before any row changes
         rows = pad_loss_rows(self.learn.loss_func, g, self.pad_loss)
         if rows is not None: self.learn.loss_func.set_rows(g.pad_idx, rows)

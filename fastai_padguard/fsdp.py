@@ -17,8 +17,8 @@ except (ImportError, NameError) as e:  # fastai.distributed needs accelerate (it
                       "(or pip install 'fastai-padguard[distributed]')") from e
 from fastai.text.models.awdlstm import AWD_LSTM
 from .core import PadGuard
-from .ops import is_sharded, retarget
-from .rowparams import TrainedRows
+from .ops import is_sharded, sharded_model, retarget
+from .train_rows import row_trainer
 import dataclasses
 try: from torch.distributed.tensor import distribute_tensor  # torch >= 2.4
 except ImportError:
@@ -120,11 +120,6 @@ def _new_opt(learn, sd, fn):
     if len(ps) != len(sd['state']): raise RuntimeError(f"The optimizer had {len(sd['state'])} parameters, the new one {len(ps)}: its state can't be carried over")
     learn.opt.load_state_dict({**sd, 'state': [{k: fn(v, p) if isinstance(v, torch.Tensor) else v for k,v in s.items()} for s,p in zip(sd['state'], ps)]})
 
-def _opt_state(opt, fn):
-    "`opt`'s state dict with `fn` applied to each tensor of its per-parameter state"
-    sd = opt.state_dict()
-    return {**sd, 'state': [{k: fn(v) if isinstance(v, torch.Tensor) else v for k,v in s.items()} for s in sd['state']]}
-
 # %% ../nbs/05a_fsdp.ipynb #f014
 def _init_group():
     "Join the process group `torchrun` or `accelerate launch` set up, if not joined yet; whether this call made it"
@@ -185,7 +180,6 @@ def _plain_hidden(m, args):
     "fastai's `AWD_LSTM.reset` makes its zero hidden state like a parameter: a sharded `DTensor` outside the forward. Plain zeros instead"
     m.hidden = [tuple(torch.zeros(h.shape, dtype=h.dtype, device=h.device) if is_sharded(h) else h for h in hc) for hc in m.hidden]
 
-def _guard(learn): return next((c for c in learn.cbs if isinstance(c, PadGuard)), None)
 def _sharding(learn): return next((c.sharding for c in learn.cbs if isinstance(c, FSDPTrainer)), None)
 
 def shard_learner(learn:Learner, # A learner whose model is whole
@@ -195,11 +189,11 @@ def shard_learner(learn:Learner, # A learner whose model is whole
                  )->Sharding:
     "Shard `learn.model` across the process group (rank 0's weights on every process, as DDP), its optimizer and guard with it"
     from torch.distributed.device_mesh import init_device_mesh
-    if any(is_sharded(p) for p in learn.model.parameters()): raise ValueError("learn.model is sharded already: one fsdp_ctx at a time")
-    if any(isinstance(getattr(c, 'trained', None), TrainedRows) for c in learn.cbs):
+    if sharded_model(learn.model): raise ValueError("learn.model is sharded already: one fsdp_ctx at a time")
+    if row_trainer(learn) is not None:
         raise ValueError("Rows train (learn.train_rows): their hooks hold the whole table's parameters, which fully_shard replaces, so "
                          "under FSDP2 they would not train. Lift them first (learn.train_rows(None)), or train them with DDP (distrib_ctx)")
-    guard = _guard(learn)
+    guard = getattr(learn, 'pad_guard', None)
     g = guard.current_resolution() if guard is not None else None  # on the whole model: the tracer reads its own forward
     if g is not None:
         rows = [None] * dist.get_world_size()
@@ -208,7 +202,7 @@ def shard_learner(learn:Learner, # A learner whose model is whole
     dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     skeleton = _meta_copy(learn.model)
-    opt = None if learn.opt is None else _opt_state(learn.opt, lambda t: t.to(dev))
+    opt = None if learn.opt is None else learn.opt.state_dict()  # its tensors, carried onto the shards below
     learn.model.to(dev)
     with torch.no_grad():
         for t in [*learn.model.parameters(), *learn.model.buffers()]: dist.broadcast(t.data, 0)  # every process starts from rank 0's weights
@@ -216,7 +210,7 @@ def shard_learner(learn:Learner, # A learner whose model is whole
     for m in learn.model.modules():
         if isinstance(m, AWD_LSTM): m.register_forward_pre_hook(_plain_hidden)
     learn.dls.device = dev
-    _new_opt(learn, opt, lambda t, p: distribute_tensor(t, mesh, p.placements) if is_sharded(p) and t.shape == p.shape else t)
+    _new_opt(learn, opt, lambda t, p: distribute_tensor(t.to(dev), mesh, p.placements) if is_sharded(p) and t.shape == p.shape else t.to(dev))
     sh = Sharding(mesh, units, skeleton, dev)
     if g is not None: guard.keep(dataclasses.replace(g, targets=retarget(g.targets, learn.model)))
     return sh
@@ -225,10 +219,9 @@ def unshard_learner(learn:Learner, # A learner `shard_learner` sharded
                     sh:Sharding, # What it returned
                    ):
     "Make `learn.model` whole again on every process (a plain module), the optimizer's state with it"
-    opt = None if learn.opt is None else _opt_state(learn.opt, lambda t: t.full_tensor() if is_sharded(t) else t)
-    live = learn.model
+    opt, live = None if learn.opt is None else learn.opt.state_dict(), learn.model
     learn.model = _rebuild(sh.skeleton, live)
-    _new_opt(learn, opt, lambda t, p: t)
+    _new_opt(learn, opt, lambda t, p: t.full_tensor() if is_sharded(t) else t)  # every process, in the same order
 
 # %% ../nbs/05a_fsdp.ipynb #f024
 def _ckpt(learn, file): return Path(learn.path)/learn.model_dir/f'{file}.dcp'

@@ -15,13 +15,18 @@ except ImportError:
     except ImportError: DTensor = Shard = Replicate = None  # a torch built without distributed
 
 # %% auto #0
-__all__ = ['is_sharded', 'local', 'local_rows', 'retarget', 'RowKeeper', 'GuardedStep', 'guard_step', 'unguard_step',
-           'check_not_zero']
+__all__ = ['is_sharded', 'sharded_model', 'local', 'local_rows', 'retarget', 'RowKeeper', 'GuardedStep', 'guard_step',
+           'unguard_step', 'check_not_zero']
 
 # %% ../nbs/01d_ops.ipynb #c004b
 def is_sharded(p)->bool:
     "Whether `p` is a `DTensor` (sharded or replicated across processes: FSDP2, tensor parallelism)"
     return DTensor is not None and isinstance(p, DTensor)
+
+def sharded_model(model:torch.nn.Module, # Any model
+                 )->bool:
+    "Whether any parameter of `model` is a `DTensor` (FSDP2 has sharded it)"
+    return any(is_sharded(p) for p in model.parameters())
 
 def local(t:torch.Tensor)->torch.Tensor:
     "What this process holds of `t`: its local shard for a `DTensor`, else `t`"
