@@ -53,6 +53,7 @@ class Sharding:
     mesh:object # The `DeviceMesh` of the processes
     units:list # The names of the modules sharded on their own (each with its own all-gather); the root holds the rest
     skeleton:nn.Module # The model as it was, its parameters on the meta device: the whole model is rebuilt into it
+    trained:object # The skeleton's `TrainedRows` (a copy of `learn.train_rows`' record, on the skeleton), or `None`
     device:torch.device # This process's device
 
 def _policy(mp):
@@ -62,12 +63,12 @@ def _policy(mp):
                                       "(float16 needs loss scaling, which FSDP2's policy does not do)")
     return MP(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
-def _meta_copy(model):
-    "A copy of `model` whose parameters are on the meta device (ties kept), made without copying the weights"
+def _meta_copy(model, trained=None):
+    "A copy of `model` whose parameters are on the meta device (ties kept), made without copying the weights; `trained` copied onto it"
     memo = {id(p): nn.Parameter(torch.empty_like(p, device='meta'), requires_grad=p.requires_grad) for p in model.parameters()}
     for m in model.modules():  # tensors a forward derives from the weights (WeightDropout's) can't be deep-copied: they are set anew
         memo.update({id(v): v.detach() for v in m.__dict__.values() if isinstance(v, torch.Tensor) and v.grad_fn is not None})
-    return deepcopy(model, memo)
+    return deepcopy((model, trained), memo)  # together: the copied record's modules, hooks and handles are the copy's
 
 def shard_model(model:nn.Module, # The model, whole, on this process's device
                 mesh, # The `DeviceMesh` to shard over
@@ -96,20 +97,20 @@ def _tensors_of(model):
     "`model`'s own parameters and buffers by name (read directly: state-dict hooks, `train_rows`' among them, play no part)"
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
-def _rebuild(skeleton, live, rank0=False):
-    "A whole model like `skeleton` with the parameters of the sharded `live` gathered (every process takes part); `None` off rank 0 if `rank0`"
+def _rebuild(skeleton, live, rank0=False, trained=None):
+    "A whole model like `skeleton`, the sharded `live`'s parameters gathered (every process takes part), and `trained` copied onto it"
     full, keep = {}, not rank0 or dist.get_rank() == 0
     with torch.no_grad():
         for n, p in live.named_parameters():  # one parameter at a time: a process that keeps none holds one at most
             t = p.full_tensor() if is_sharded(p) else p.detach().clone()
             if keep: full[n] = t
-    if not keep: return None
+    if not keep: return None, None
     memo = {id(p): nn.Parameter(full[n], requires_grad=p.requires_grad) for n, p in skeleton.named_parameters()}
-    m = deepcopy(skeleton, memo)
+    m, tr = deepcopy((skeleton, trained), memo)
     bufs = dict(live.named_buffers())
     with torch.no_grad():
         for n, b in m.named_buffers(): b.copy_(bufs[n])
-    return m
+    return m, tr
 
 def _new_opt(learn, sd, fn):
     "A new optimizer over `learn.model`'s parameters, with the state dict `sd` (if any), `fn(tensor, param)` applied to each state tensor"
@@ -190,9 +191,6 @@ def shard_learner(learn:Learner, # A learner whose model is whole
     "Shard `learn.model` across the process group (rank 0's weights on every process, as DDP), its optimizer and guard with it"
     from torch.distributed.device_mesh import init_device_mesh
     if sharded_model(learn.model): raise ValueError("learn.model is sharded already: one fsdp_ctx at a time")
-    if row_trainer(learn) is not None:
-        raise ValueError("Rows train (learn.train_rows): their hooks hold the whole table's parameters, which fully_shard replaces, so "
-                         "under FSDP2 they would not train. Lift them first (learn.train_rows(None)), or train them with DDP (distrib_ctx)")
     guard = getattr(learn, 'pad_guard', None)
     g = guard.current_resolution() if guard is not None else None  # on the whole model: the tracer reads its own forward
     if g is not None:
@@ -201,7 +199,8 @@ def shard_learner(learn:Learner, # A learner whose model is whole
         if any(r != g.rows for r in rows): raise RuntimeError(f"The processes found different rows to guard ({rows}): give every process the same data and model")
     dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
-    skeleton = _meta_copy(learn.model)
+    rt = row_trainer(learn)  # its hooks read the rows' parameter at each call: the shard outside the forward, the whole inside
+    skeleton, trained = _meta_copy(learn.model, None if rt is None else rt.trained)
     opt = None if learn.opt is None else learn.opt.state_dict()  # its tensors, carried onto the shards below
     learn.model.to(dev)
     with torch.no_grad():
@@ -211,7 +210,7 @@ def shard_learner(learn:Learner, # A learner whose model is whole
         if isinstance(m, AWD_LSTM): m.register_forward_pre_hook(_plain_hidden)
     learn.dls.device = dev
     _new_opt(learn, opt, lambda t, p: distribute_tensor(t.to(dev), mesh, p.placements) if is_sharded(p) and t.shape == p.shape else t.to(dev))
-    sh = Sharding(mesh, units, skeleton, dev)
+    sh = Sharding(mesh, units, skeleton, trained, dev)
     if g is not None: guard.keep(dataclasses.replace(g, targets=retarget(g.targets, learn.model)))
     return sh
 
@@ -219,8 +218,9 @@ def unshard_learner(learn:Learner, # A learner `shard_learner` sharded
                     sh:Sharding, # What it returned
                    ):
     "Make `learn.model` whole again on every process (a plain module), the optimizer's state with it"
-    opt, live = None if learn.opt is None else learn.opt.state_dict(), learn.model
-    learn.model = _rebuild(sh.skeleton, live)
+    opt, live, rt = None if learn.opt is None else learn.opt.state_dict(), learn.model, row_trainer(learn)
+    learn.model, trained = _rebuild(sh.skeleton, live, trained=sh.trained)
+    if rt is not None: rt.trained = trained  # the record of the rows that train, on the whole model
     _new_opt(learn, opt, lambda t, p: t.full_tensor() if is_sharded(t) else t)  # every process, in the same order
 
 # %% ../nbs/05a_fsdp.ipynb #f024
@@ -279,16 +279,18 @@ def export_sharded(learn:Learner, # A learner inside `fsdp_ctx`
                    fname='export.pkl', # As fastai's `export`
                    **kwargs):
     "The whole model gathered on rank 0, which exports the learner with it as fastai's `export` does (every process calls it)"
-    sh, live, opt = _sharding(learn), learn.model, learn.opt
-    whole = _rebuild(sh.skeleton, live, rank0=True)
+    sh, live, opt, rt = _sharding(learn), learn.model, learn.opt, row_trainer(learn)
+    whole, trained = _rebuild(sh.skeleton, live, rank0=True, trained=sh.trained)
     try:
         if whole is None: return
         cbs, methods = [c for c in learn.cbs if isinstance(c, FSDPTrainer)], {k: learn.__dict__.pop(k) for k in _METHODS if k in learn.__dict__}
         learn.remove_cbs(cbs)
         learn.model, learn.opt = whole, None
+        if rt is not None: rt.trained, kept = trained, rt.trained  # exported with the whole model's record
         try: Learner.export(learn, fname, **kwargs)
         finally:
             learn.model, learn.opt = live, opt
+            if rt is not None: rt.trained = kept
             learn.add_cbs(cbs); learn.__dict__.update(methods)
     finally: dist.barrier()  # also when rank 0 raises: the others go on, rank 0 reports
 

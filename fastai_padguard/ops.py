@@ -15,8 +15,8 @@ except ImportError:
     except ImportError: DTensor = Shard = Replicate = None  # a torch built without distributed
 
 # %% auto #0
-__all__ = ['is_sharded', 'sharded_model', 'local', 'local_rows', 'retarget', 'RowKeeper', 'GuardedStep', 'guard_step',
-           'unguard_step', 'check_not_zero']
+__all__ = ['is_sharded', 'sharded_model', 'local', 'shard_span', 'local_rows', 'retarget', 'RowKeeper', 'GuardedStep',
+           'guard_step', 'unguard_step', 'check_not_zero']
 
 # %% ../nbs/01d_ops.ipynb #c004b
 def is_sharded(p)->bool:
@@ -32,13 +32,12 @@ def local(t:torch.Tensor)->torch.Tensor:
     "What this process holds of `t`: its local shard for a `DTensor`, else `t`"
     return t.to_local() if is_sharded(t) else t
 
-def local_rows(p:torch.Tensor, # A parameter: a plain tensor, or a `DTensor`
+def shard_span(p:torch.Tensor, # A parameter: a plain tensor, or a `DTensor`
                dim:int, # The axis the rows index
-               rows, # Row indices along `dim`, global
               )->tuple:
-    "The `rows` of `p` along `dim` that this process holds, as indices into `local(p)`: all of them for a plain tensor"
-    if not is_sharded(p): return tuple(rows)
+    "`(start, size)`: the rows of `p` along `dim` this process holds, `local(p)`'s, are `start` to `start + size`; all for a plain tensor"
     start, size = 0, p.shape[dim]
+    if not is_sharded(p): return start, size
     for md, pl in enumerate(p.placements):
         if type(pl) is Replicate or type(pl) is Shard and pl.dim != dim: continue  # every row of this axis is here
         if type(pl) is not Shard:
@@ -50,6 +49,14 @@ def local_rows(p:torch.Tensor, # A parameter: a plain tensor, or a `DTensor`
     if local(p).shape[dim] != size:
         raise ValueError(f"A guarded parameter of shape {tuple(p.shape)} holds {local(p).shape[dim]} rows along axis {dim} on this process, "
                          f"not the {size} that torch.chunk's split gives: its sharding is not one the guard can map rows onto")
+    return start, size
+
+def local_rows(p:torch.Tensor, # A parameter: a plain tensor, or a `DTensor`
+               dim:int, # The axis the rows index
+               rows, # Row indices along `dim`, global
+              )->tuple:
+    "The `rows` of `p` along `dim` that this process holds, as indices into `local(p)`: all of them for a plain tensor"
+    start, size = shard_span(p, dim)
     return tuple(r - start for r in rows if start <= r < start + size)
 
 def retarget(targets:list, # `Target`s found on the model before it was sharded

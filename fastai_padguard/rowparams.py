@@ -11,6 +11,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .rows import Guarded, rows_on
+from .ops import is_sharded, local, shard_span
 
 # %% auto #0
 __all__ = ['Slots', 'put_rows', 'RowParam', 'TrainedRows', 'check_install', 'install_rows']
@@ -41,33 +42,44 @@ def put_rows(out:Tensor, # A lookup of `ids`: `(*ids.shape, dim)`
     return torch.where((s >= 0).unsqueeze(-1), v.to(out.dtype), out)
 
 class _LookupHook:
-    "Forward hook of an `nn.Embedding` whose chosen rows train"
-    def __init__(self, slots, vals): self.slots,self.vals = slots,vals
-    def __call__(self, m, args, out): return put_rows(out, args[0], self.slots, self.vals)
+    "Forward hook of an `nn.Embedding` whose chosen rows train: the rows' parameter `rp.values`, read at each call"
+    def __init__(self, slots, rp): self.slots,self.rp = slots,rp
+    def __call__(self, m, args, out): return put_rows(out, args[0], self.slots, self.rp.values)
 
 class _HeadHook:
     "Forward hook of an `nn.Linear` output layer: the chosen columns of its logits from the chosen rows (and bias entries)"
-    def __init__(self, rows, w, b): self.rows,self.w,self.b = rows,w,b
+    def __init__(self, rows, w, b): self.rows,self.w,self.b = rows,w,b  # `RowParam`s: their `values` read at each call
     def __call__(self, m, args, out):
-        b = self.b if self.b is not None or m.bias is None else m.bias.index_select(0, rows_on(self.rows, m.bias.device))
-        vals = F.linear(args[0], self.w, b)
+        b = self.b.values if self.b is not None else None if m.bias is None else m.bias.index_select(0, rows_on(self.rows, m.bias.device))
+        vals = F.linear(args[0], self.w.values, b)
         return out.index_copy_(-1, rows_on(self.rows, out.device), vals.to(out.dtype))
 
 # %% ../nbs/01e_rowparams.ipynb #c007
 @dataclass(eq=False)
 class RowParam:
-    "One frozen parameter while rows train: its `names`, the `param`, the `values` parameter holding its chosen rows, registered as `attr` on `owner`"
+    "One frozen parameter while rows train: its `names`, the parameter `key` of `owner`, and `attr`, the parameter holding its chosen rows"
     names:str # The frozen parameter's names in the model, tied names joined by ' = '
-    param:Tensor # The frozen parameter (a token table, an untied output layer, or its bias)
-    values:nn.Parameter # The chosen rows of it, the parameter that trains
-    owner:nn.Module # The module `values` is registered on (the one holding `param`)
-    attr:str # The name `values` has there: `<param's attribute>_trained_rows`
+    owner:nn.Module # The module holding the frozen parameter (a token table, an untied output layer, or its bias)
+    key:str # Its name there
+    attr:str # The name of the parameter of its chosen rows there, the one that trains: `<key>_trained_rows`
+    @property
+    def param(self)->Tensor:
+        "The frozen parameter, as `owner` holds it now (FSDP2's `fully_shard` replaces it with its shard, its forward with the whole)"
+        return getattr(self.owner, self.key)
+    @property
+    def values(self)->nn.Parameter:
+        "The parameter of the chosen rows, as `owner` holds it now"
+        return getattr(self.owner, self.attr)
 
     def merged(self, rows:tuple)->Tensor:
-        "`param` as the model uses it: the chosen `rows` taken from `values` (a new tensor)"
-        w = self.param.detach().clone()
-        w.index_copy_(0, rows_on(rows, w.device), self.values.detach().to(w.dtype))
-        return w
+        "`param` as the model uses it: the chosen `rows` taken from `values` (a new tensor; on a sharded `param`, this process's shard of it)"
+        p, v = self.param.detach(), self.values.detach()
+        if is_sharded(v): v = v.full_tensor()  # k rows: every process takes part
+        start, size = shard_span(p, 0)
+        mine = [i for i,r in enumerate(rows) if start <= r < start + size]
+        w = local(p).clone()
+        w.index_copy_(0, rows_on([rows[i] - start for i in mine], w.device), v[mine].to(w.dtype))
+        return w if not is_sharded(p) else type(p).from_local(w, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 @dataclass(eq=False)
 class TrainedRows:
@@ -146,26 +158,26 @@ def check_install(model:nn.Module, # The model
 def install_rows(model:nn.Module, # The model
                  g:Guarded, # What the guard found in it (from a batch: the lookups)
                  rows:tuple, # The chosen rows, sorted
-                 lookups:dict|None=None, # `{module type: forward maker}` for lookups other than `nn.Embedding`: `maker(module, slots, values)`
+                 lookups:dict|None=None, # `{module type: forward maker}` for lookups other than `nn.Embedding`: `maker(module, slots, rp)`, reading `rp.values` at each call
                 )->TrainedRows:
     "Give each token table, the output layer and its bias a parameter holding their chosen `rows`, and hook it in; `TrainedRows.undo` takes it off"
     found = check_install(model, g, rows, lookups)
     tables, outs, bias = found['table'], found['head'], found['bias']
     params, hooks, forwards = [], [], []
     for t in tables + outs + bias:
-        owner, attr = _owner(model, t.param)
-        rp = RowParam(t.names, t.param, nn.Parameter(t.param.detach()[list(rows)].clone()), owner, f'{attr}_trained_rows')
-        owner.register_parameter(rp.attr, rp.values)
+        owner, key = _owner(model, t.param)
+        rp = RowParam(t.names, owner, key, f'{key}_trained_rows')
+        owner.register_parameter(rp.attr, nn.Parameter(t.param.detach()[list(rows)].clone()))
         params.append(rp)
         hooks += _state_hooks(model, rows, rp)
     tr = TrainedRows(rows, params, hooks, forwards)
     for t in tables:
-        slots, vals = Slots(rows, t.param.shape[0]), tr.of(t.param).values
+        slots, rp = Slots(rows, t.param.shape[0]), tr.of(t.param)
         for m in g.lookups[id(t.param)]:
-            if type(m) in (lookups or {}): m.forward = lookups[type(m)](m, slots, vals); forwards.append(m)
-            else: hooks.append(m.register_forward_hook(_LookupHook(slots, vals)))
+            if type(m) in (lookups or {}): m.forward = lookups[type(m)](m, slots, rp); forwards.append(m)
+            else: hooks.append(m.register_forward_hook(_LookupHook(slots, rp)))
     head = g.head
     if head is not None and tr.of(head.weight) is not None:
-        b = None if head.bias is None or tr.of(head.bias) is None else tr.of(head.bias).values
-        hooks.append(head.register_forward_hook(_HeadHook(rows, tr.of(head.weight).values, b)))
+        b = None if head.bias is None else tr.of(head.bias)
+        hooks.append(head.register_forward_hook(_HeadHook(rows, tr.of(head.weight), b)))
     return tr

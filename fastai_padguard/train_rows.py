@@ -11,6 +11,7 @@ from fastai.text.models.awdlstm import EmbeddingDropout
 from torch.overrides import TorchFunctionMode
 from .rows import rows_on, check_idx, text_vocabs
 from .rowparams import TrainedRows, install_rows, put_rows
+from .ops import sharded_model
 from .core import PadGuard
 from .learner import padguard, unchanged_on_error
 
@@ -28,9 +29,9 @@ class _Masks(TorchFunctionMode):
 
 class _RowsEmbeddingDropout:
     "fastai's own `EmbeddingDropout.forward`, run as it is, then the chosen rows put in place with the row mask it drew and its `scale`"
-    def __init__(self, mod, slots, vals): self.mod,self.slots,self.vals = mod,slots,vals
+    def __init__(self, mod, slots, rp): self.mod,self.slots,self.rp = mod,slots,rp
     def __call__(self, words, scale=None):
-        m, vals = self.mod, self.vals
+        m, vals = self.mod, self.rp.values  # read at each call: FSDP2 swaps the parameter for its whole inside the forward
         with _Masks() as rec: out = type(m).forward(m, words, scale)
         if rec.masks: vals = vals * rec.masks[-1].index_select(0, rows_on(self.slots.rows, vals.device))  # the mask of the table's rows
         if scale: vals = vals * scale
@@ -59,6 +60,9 @@ class RowTrainer(Callback):
 
     def lift(self):
         "Write the trained rows into their tables, take the hooks off, and train the tables whole again"
+        if sharded_model(self.learn.model):
+            raise ValueError("learn.model is sharded (fsdp_ctx): FSDP2 holds the rows' parameters among its shards, so they can't be "
+                             "taken off here. Lift the rows after leaving fsdp_ctx, where the model is whole again")
         with torch.no_grad():
             for rp in self.trained.params: rp.param.copy_(rp.merged(self.trained.rows))
         self.trained.undo()
@@ -94,6 +98,9 @@ def train_rows(self:Learner,
     if not isinstance(rows, (list, tuple, range, L)) or not len(rows):
         raise ValueError(f"rows={rows!r}: pass the row indices to train (e.g. new_rows(dls.vocab, 'vocab.pkl') or added_rows(tokenizer)), or None")
     rows = tuple(sorted({check_idx(r, 'rows item') for r in rows}))
+    if sharded_model(self.model):
+        raise ValueError("learn.model is sharded (fsdp_ctx): a new parameter for the rows would be outside FSDP2's shards. "
+                         "Call learn.train_rows(rows) before entering fsdp_ctx; the rows then train on the shards")
     if old: raise ValueError(f"This learner already trains rows {list(old[0].trained.rows)}: lift them with learn.train_rows(None) first")
     with unchanged_on_error(self):  # a refused call leaves no guard added and no loss swapped
         if not any(isinstance(c, PadGuard) for c in self.cbs): self.padguard()

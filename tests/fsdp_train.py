@@ -16,7 +16,7 @@ from fastai_padguard.ops import local, local_rows
 
 out, family, mode = Path(sys.argv[1]), sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else 'zero')
 torch.set_num_threads(1)
-STEPS, ROWS = 5, [5, 6]
+STEPS, ROWS = 5, {'awd': [10, 11], 'gpt2': [5, 6]}[family]  # tokens the data holds: their lookups train them too
 
 class HFLogits(Callback):
     def after_pred(self): self.learn.pred = self.pred.logits
@@ -85,11 +85,12 @@ def full(model): return {n: (p.full_tensor() if hasattr(p, 'full_tensor') else p
 # one process: the reference (fastai reads WORLD_SIZE to decide whether to gather)
 ws = os.environ.pop('WORLD_SIZE')
 ref = learner()
+before = full(ref.model)
 stop = Stop()
 halves = both_halves(ref)
 ref.dls.loaders[0] = Halves(ref.dls.train, 0, 2)  # as many batches as a rank reads; Union puts both halves in each
 ref.fit(1, 1e-2, cbs=[stop, Union(halves)])
-res = {'ref_losses': torch.stack(stop.losses), 'ref': full(ref.model), 'ref_valid': ref.validate()[0], 'ref_preds': ref.get_preds(reorder=False) if family == 'gpt2' else None}
+res = {'chosen': ROWS, 'before': before, 'ref_losses': torch.stack(stop.losses), 'ref': full(ref.model), 'ref_valid': ref.validate()[0], 'ref_preds': ref.get_preds(reorder=False) if family == 'gpt2' else None}
 os.environ['WORLD_SIZE'] = ws
 
 dist.init_process_group('gloo')
@@ -112,6 +113,11 @@ with learn.fsdp_ctx(mp='bf16' if mode == 'bf16' else None):
     stop, check = Stop(), Check()
     learn.fit(1, 1e-2, cbs=[stop, check])
     mine = torch.stack(stop.losses)
+    if mode == 'rows':  # the rows' parameters sharded with their tables, the optimizer's state only for them
+        res['opt_shapes'] = [tuple(v.shape) for s in learn.opt.state_dict()['state'] for v in s.values() if isinstance(v, torch.Tensor)]
+        res['sd'] = {k: (v.full_tensor() if hasattr(v, 'full_tensor') else v).detach().clone() for k,v in learn.model.state_dict().items()}
+        try: learn.train_rows(None); res['lift_inside'] = None
+        except ValueError as e: res['lift_inside'] = str(e)
     both = [torch.zeros_like(mine) for _ in range(2)]; dist.all_gather(both, mine)
     res.update(losses=(both[0] + both[1]) / 2, fsdp=full(learn.model), checks=check.ok, valid=learn.validate()[0],
                preds=learn.get_preds(reorder=False) if family == 'gpt2' else None,  # an LM loader: fastai's DistributedDL can't collate its short last batch
@@ -144,9 +150,14 @@ with learn.fsdp_ctx(mp='bf16' if mode == 'bf16' else None):
         res['inplace'] = max(((a - copy_run[n]).abs().max() / copy_run[n].abs().max()).item() for n, a in full(learn.model).items())
     except RuntimeError as e: res['inplace'] = str(e)
     res['inplace_unchanged'] = all(torch.equal(a, saved[n]) for n, a in full(learn.model).items())
+    res['opt_in'] = [{k: (v.full_tensor() if hasattr(v, 'full_tensor') else v) for k,v in s.items()} for s in learn.opt.state_dict()['state']]
+res['opt_out'] = learn.opt.state_dict()['state']  # carried over on leaving
 res['after'] = {n: p.detach().clone() for n,p in learn.model.named_parameters()}
 res['after_type'] = type(learn.model).__name__
 res['export'] = str((learn.path/'exp.pkl').resolve())
+if mode == 'rows':  # the whole model's record of the rows: lifted into the tables
+    learn.train_rows(None)
+    res['lifted'] = {n: p.detach().clone() for n,p in learn.model.named_parameters()}
 torch.save(res, out/f'rank{rank}.pt')
 dist.barrier()
 dist.destroy_process_group()

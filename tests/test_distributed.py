@@ -60,16 +60,13 @@ def test_rows_on_fsdp2_shards_equal_one_process(tmp_path, mode):
             want = torch.zeros_like(r['before'][n][rows]) if mode == 'zero' else r['before'][n][rows]
             assert torch.equal(r['full'][n][rows], want), n
 
-def _fsdp_run(tmp_path, *args, ok=True):
-    "tests/fsdp_train.py on 2 processes (torchrun, gloo): each rank's results (`ok=False`: the finished process, which failed)"
+def _fsdp_run(tmp_path, *args):
+    "tests/fsdp_train.py on 2 processes (torchrun, gloo): each rank's results"
     if not hasattr(__import__('torch.distributed.fsdp', fromlist=['x']), 'fully_shard'): pytest.skip('torch.distributed.fsdp.fully_shard: torch >= 2.6')
     torchrun = Path(sys.executable).parent/'torchrun'
     env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([str(torchrun), '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(_free_port()),
                         str(HERE/'fsdp_train.py'), str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    if not ok:
-        assert r.returncode != 0, "it was to fail"
-        return r
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [torch.load(tmp_path/f'rank{i}.pt', weights_only=False) for i in (0, 1)]
 
@@ -78,7 +75,7 @@ def fsdp_family(request, tmp_path_factory):
     "One 2-process run of tests/fsdp_train.py per family, read by the tests below"
     return request.param, _fsdp_run(tmp_path_factory.mktemp(f'fsdp-{request.param}'), request.param)
 
-def _rel(a, b): return ((a - b).abs().max() / b.abs().max()).item()
+def _rel(a, b): return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()  # 0 for two zero tensors
 
 # the guarded rows each rank's shard holds: 'awd' rows [1, 29, 30, 31] of a 32-row table (16 a rank), 'gpt2' rows [0, 39] of 40
 SHARD_ROWS = {'awd': ({'0.encoder.weight = 0.encoder_dp.emb.weight = 1.decoder.weight': 1, '1.decoder.bias': 1},
@@ -118,6 +115,10 @@ def test_fsdp_ctx_checkpoint_export_and_inplace_hazard(fsdp_family):
         assert isinstance(r['inplace'], str), f"the in-place edit trained: weights {r['inplace']:.3g} (max rel.) from the run editing a copy"
         assert 'edited in place' in r['inplace'] and r['inplace_unchanged'], "refused before the backward: the weights as they were"
         assert r['after_type'] in ('SequentialRNN', 'GPT2LMHeadModel'), "on leaving, a plain whole model"
+        o_in, o_out = r['opt_in'], r['opt_out']
+        assert len(o_in) == len(o_out) and all(a.keys() == b.keys() for a, b in zip(o_in, o_out)), "the optimizer's state carried over"
+        assert all(type(b[k]) is torch.Tensor and torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                   for a, b in zip(o_in, o_out) for k in a), "gathered whole, bitwise, plain tensors"
     for n in r0['after']: assert torch.equal(r0['after'][n], r1['after'][n]), n
     learn = load_learner(Path(r0['export']), cpu=True)
     got = dict(learn.model.named_parameters())
@@ -134,6 +135,37 @@ def test_fsdp_ctx_mixed_precision_keeps_rows(tmp_path):
         assert all(ok for *_, ok in r['checks']) and len(r['checks']) == 5
 
 @pytest.mark.slow
-def test_fsdp_ctx_refuses_train_rows(tmp_path):
-    "Rows that train (learn.train_rows) can't be carried onto FSDP2's shards yet: refused before sharding, saying what to do"
-    assert 'learn.train_rows(None)' in _fsdp_run(tmp_path, 'awd', 'rows', ok=False).stderr
+@pytest.mark.parametrize('family', ['awd', 'gpt2'])
+def test_fsdp_ctx_train_rows_moves_only_the_chosen_rows(tmp_path, family):
+    "learn.train_rows(rows) then fsdp_ctx: one process's losses and weights, only the chosen rows of the tables moved, state for them alone"
+    from fastai.learner import load_learner
+    r0, r1 = _fsdp_run(tmp_path, family, 'rows')
+    frozen = {'awd': ['0.encoder.weight', '1.decoder.bias'], 'gpt2': ['transformer.wte.weight']}[family]
+    dim, chosen = r0['before'][frozen[0]].shape[1], r0['chosen']
+    guarded = [1, 29, 30, 31] if family == 'awd' else [0, 39]
+    kept = [i for i in range(len(r0['before'][frozen[0]])) if i not in guarded]  # the guard zeroed the others at the first step
+    kept_ = [i for i in kept if i not in chosen]
+    for r in (r0, r1):
+        assert _rel(r['losses'], r['ref_losses']) < 1e-12
+        for n, p in r['ref'].items(): assert _rel(r['fsdp'][n], p) < 1e-12, n
+        for n in frozen:
+            assert torch.equal(r['fsdp'][n][kept], r['before'][n][kept]), f"{n}: frozen while its rows train"
+            assert not torch.equal(r['fsdp'][f'{n}_trained_rows'], r['before'][n][chosen]), f"{n}: the chosen rows trained"
+        assert r['opt_shapes'] and (len(r['before'][frozen[0]]), dim) not in r['opt_shapes'], "no optimizer state the size of the table"
+        assert (2, dim) in r['opt_shapes'], "state for the 2 chosen rows"
+        assert not any(k.endswith('_trained_rows') for k in r['sd']), "state_dict() on the shards: the plain model's keys"
+        for n in frozen:
+            assert torch.equal(r['sd'][n][chosen], r['fsdp'][f'{n}_trained_rows']) and torch.equal(r['sd'][n][kept_], r['fsdp'][n][kept_]), n
+        assert 'after leaving fsdp_ctx' in r['lift_inside'], "lifting on the shards is refused, saying when it can be done"
+        assert all(ok for *_, ok in r['checks']) and r['moved'] and r['restored'] and r['opt_restored']
+        assert isinstance(r['inplace'], str) and 'edited in place' in r['inplace']
+    for n in r0['after']: assert torch.equal(r0['after'][n], r1['after'][n]), n
+    lifted, before = r0['lifted'], r0['before']
+    assert not any(n.endswith('_trained_rows') for n in lifted), "lifted on the whole model after the context"
+    for n in frozen:
+        assert torch.equal(lifted[n][chosen], r0['after'][f'{n}_trained_rows']), f"{n}: the trained rows written in"
+        assert torch.equal(lifted[n][kept_], before[n][kept_]), f"{n}: every other row bitwise as it was"
+        assert lifted[n][guarded].eq(0).all(), f"{n}: the guarded rows 0"
+    learn = load_learner(Path(r0['export']), cpu=True)
+    got = dict(learn.model.named_parameters())
+    assert got.keys() == r0['after'].keys() and all(torch.equal(got[n].detach(), p) for n, p in r0['after'].items())
