@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 # %% auto #0
-__all__ = ['Lookup', 'LinearCall', 'OutLayer', 'param_of', 'untouched', 'is_ids', 'map_ids', 'logits_of', 'NoEvidence',
+__all__ = ['Lookup', 'LinearCall', 'OutLayer', 'param_of', 'untouched', 'Kwargs', 'is_ids', 'map_ids', 'logits_of', 'NoEvidence',
            'Evidence']
 
 # %% ../nbs/01b_trace.ipynb #c005
@@ -123,15 +123,18 @@ def untouched(model:nn.Module, # The model to run
                 else: o[:] = c
             for k,b in bufs.items(): m._buffers[k].copy_(b)
 
+class Kwargs(dict):
+    "A batch's inputs passed by name: the model runs as `model(**inputs)` (a Hugging Face batch, outside a fastai learner)"
+
 def _forward(model, xb):
-    "Run `model(*xb)` recording its lookups and linear layers, with the module that ran each"
+    "Run `model(*xb)` (`model(**xb[0])` for one `Kwargs`) recording its lookups and linear layers, with the module that ran each"
     from torch.nn.modules.module import register_module_forward_pre_hook, register_module_forward_hook
     stack = []
     hs = [register_module_forward_pre_hook(lambda m,i: stack.append(m)), register_module_forward_hook(lambda m,i,o: stack.pop() and None)]
     calls = _Calls(stack)
     try:
         run = getattr(model, '_orig_mod', model)  # `torch.compile(model)`: the module it wraps
-        f = lambda: run(*xb)
+        f = (lambda: run(**xb[0])) if len(xb) == 1 and isinstance(xb[0], Kwargs) else (lambda: run(*xb))
         if 'torch._dynamo' in sys.modules: f = torch.compiler.disable(f)  # compiled code inside runs eagerly, so every call is seen
         with calls: out = f()
     finally:

@@ -161,3 +161,42 @@ class Float64Recorder(Callback):
     order = Recorder.order + 1  # after the Recorder's before_fit resets it
     pred_after_step = False  # it reads no learn.pred (the fused path then keeps no copy of the output layer's weight)
     def before_fit(self): self.learn.recorder.smooth_loss.val = self.learn.recorder.smooth_loss.val.double()
+
+def loop_model(kind:str, seed=0):
+    "`(model, batch, pad, causal)`: a tiny random-init model of one family (no dropout) and a batch for it, the model in float64"
+    torch.manual_seed(seed)
+    n, seq, bs = 40, 10, 4
+    ids = torch.randint(3, n - 1, (bs, seq)); ids[:, -3:] = 0  # padded at the end with id 0
+    if kind == 'custom': m = NanoGPT(n, seq)
+    else:
+        import transformers as T
+        if kind == 'gpt2': m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=n, n_positions=16, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
+                                                           resid_pdrop=0., embd_pdrop=0., attn_pdrop=0.))
+        elif kind == 'llama':
+            m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=False, pad_token_id=0))
+        elif kind == 'bert-mlm':
+            m = T.BertForMaskedLM(T.BertConfig(vocab_size=n, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                               max_position_embeddings=16, pad_token_id=0,
+                                               hidden_dropout_prob=0., attention_probs_dropout_prob=0.))
+        else: raise ValueError(kind)
+    m.double()
+    if kind == 'custom': return m, ids, 0, True
+    labels = ids.masked_fill(ids == 0, -100)
+    if kind == 'bert-mlm':
+        masked = torch.rand(ids.shape) < 0.3
+        labels = labels.masked_fill(~masked, -100); ids = ids.masked_fill(masked & (ids != 0), 2)  # 2: the mask token here
+    return m, {'input_ids': ids, 'attention_mask': (ids != 0).long(), 'labels': labels}, 0, kind != 'bert-mlm'
+
+def trainer_of(model, data, out, callbacks, compute_loss_func=None, **kw):
+    "A Hugging Face `Trainer` on CPU, quiet, over a list of dict items: AdamW with weight decay, smoothing, accumulation, by default"
+    import transformers as T
+    a = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1,
+             label_smoothing_factor=0.1, use_cpu=True, report_to=[], save_strategy='no', logging_steps=1, disable_tqdm=True, seed=0)
+    return T.Trainer(model, T.TrainingArguments(str(out), **{**a, **kw}), train_dataset=data, callbacks=callbacks,
+                     compute_loss_func=compute_loss_func)
+
+def items_of(batch):
+    "A batch (a mapping of tensors) as a list of per-item dicts: a dataset the Trainer's default collator stacks back"
+    n = len(next(iter(batch.values())))
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]

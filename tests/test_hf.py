@@ -1,0 +1,120 @@
+"The Hugging Face Trainer with `PadGuardCallback`: tiny random-init GPT-2, Llama and BERT-MLM models, float64, on CPU"
+import pytest, torch
+T = pytest.importorskip('transformers')
+from transformers import TrainerCallback
+from fastai_padguard.hf import PadGuardCallback
+from conftest import loop_model, trainer_of, items_of
+
+KINDS = ['gpt2', 'llama', 'bert-mlm']
+
+class GradCheck(TrainerCallback):
+    "At each optimizer step (after the Trainer's clip): the guarded gradient rows, and the gradients' total norm"
+    def __init__(self, guard_cb): self.cb, self.zero, self.norms = guard_cb, [], []
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        ts = self.cb.guard.resolution.targets
+        self.zero.append(all(t.param.grad.index_select(t.dim, torch.tensor(t.rows)).eq(0).all() for t in ts))
+        self.norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item())
+
+def reference(logits, labels, rows, causal, eps=0.1):
+    "Cross-entropy in float64 over the kept columns, label smoothing spread over them, the pad and -100 targets left out"
+    if causal: logits, labels = logits[:, :-1], labels[:, 1:]
+    logits, labels = logits.flatten(0, 1).double(), labels.flatten()
+    keep = [c for c in range(logits.shape[1]) if c not in rows]
+    lsm = torch.log_softmax(logits[:, keep], 1)
+    ok = (labels != -100) & ~torch.isin(labels, torch.tensor(rows))
+    nll = -lsm[ok].gather(1, torch.tensor([keep.index(c) for c in labels[ok].tolist()])[:, None]).squeeze(1)
+    return ((1 - eps) * nll + eps * -lsm[ok].mean(1)).mean()
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_trainer_keeps_pad_rows_and_scores_kept_columns(kind, tmp_path):
+    "AdamW with wd, smoothing, 2 micro-batches a step: rows bitwise 0, gradient rows 0 before the clip, the loss a float64 reference"
+    model, batch, pad, causal = loop_model(kind)
+    cb = PadGuardCallback()
+    check = GradCheck(cb)
+    tr = trainer_of(model, items_of(batch), tmp_path, [cb, check], cb.loss, max_grad_norm=1e9)
+    tr.train()
+    assert len(check.zero) == 4 and all(check.zero), "the guarded gradient rows 0 when the Trainer clipped them"
+    logged = [h['grad_norm'] for h in tr.state.log_history if 'grad_norm' in h]
+    assert len(logged) == 4 and all(abs(a - b) <= 1e-9 * b for a, b in zip(logged, check.norms)), "the clip norm left them out"
+    assert cb.guard is None, "taken off at the end of training"
+    g = cb.ce  # the loss stays: evaluate() and compute_loss use it
+    targets = [t for t in model.parameters() if t.dim() == 2 and t.shape[0] == 40] + [p for n, p in model.named_parameters() if n.endswith('predictions.bias')]
+    for p in targets: assert p.detach()[pad].eq(0).all(), "the pad row exactly 0 after training"
+    assert torch.equal(model.get_input_embeddings().weight[pad], torch.zeros(16, dtype=torch.float64))
+    # the loss the Trainer computes (its compute_loss: labels popped, the model's forward, compute_loss_func)
+    model.eval()
+    with torch.no_grad():
+        got = tr.compute_loss(model, dict(batch))
+        logits = model(**{k: v for k, v in batch.items() if k != 'labels'}).logits
+    want = reference(logits, batch['labels'], list(g.rows), causal)
+    assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-12 * want.item()
+    assert 'fused: off' in repr(cb) or cb.guard is None
+
+class StopAt(TrainerCallback):
+    "End training after step `n` (the checkpoint of that step is written first)"
+    def __init__(self, n): self.n = n
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.n: control.should_training_stop = True
+
+def test_trainer_resume_from_checkpoint_is_bitwise(tmp_path):
+    "4 steps straight, against 2 steps, a checkpoint, and a new Trainer resuming from it for 2 more: every weight bitwise"
+    def run(out, **kw):
+        model, batch, _, _ = loop_model('gpt2')
+        cb = PadGuardCallback()
+        tr = trainer_of(model, items_of(batch), out, [cb], cb.loss, **kw)
+        return tr, model
+    tr, straight = run(tmp_path/'a'); tr.train()
+    tr, _ = run(tmp_path/'b', save_strategy='steps', save_steps=2); tr.add_callback(StopAt(2)); tr.train()  # the same schedule
+    tr, resumed = run(tmp_path/'b'); tr.train(resume_from_checkpoint=str(tmp_path/'b'/'checkpoint-2'))
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()): assert torch.equal(p, q), n
+    assert resumed.transformer.wte.weight[0].eq(0).all()
+
+def test_trainer_freeze_mode_holds_rows_through_weight_decay(tmp_path):
+    "mode='freeze' with AdamW's weight decay 0.5: the pad rows of Llama's untied table and head bitwise as they were"
+    model, batch, pad, _ = loop_model('llama')
+    w0, h0 = model.model.embed_tokens.weight[pad].detach().clone(), model.lm_head.weight[pad].detach().clone()
+    cb = PadGuardCallback(mode='freeze')
+    trainer_of(model, items_of(batch), tmp_path, [cb], cb.loss, weight_decay=0.5).train()
+    assert torch.equal(model.model.embed_tokens.weight[pad], w0) and torch.equal(model.lm_head.weight[pad], h0)
+    assert not torch.equal(model.lm_head.weight[pad + 1], torch.zeros_like(h0))
+
+def test_an_optimizer_that_writes_nothing_back_is_refused(tmp_path):
+    "A Trainer whose optimizer is no torch optimizer: the first step ends in an error, not in rows that moved silently"
+    model, batch, _, _ = loop_model('gpt2')
+    class Plain(torch.optim.Optimizer):  # a torch optimizer by class only (as a wrapper can be): its step runs no torch step hook
+        def __init__(self, ps): self.param_groups, self.defaults, self.state = [{'params': list(ps), 'lr': 1e-2}], {}, {}
+        def step(self, closure=None):
+            with torch.no_grad():
+                for p in self.param_groups[0]['params']:
+                    if p.grad is not None: p.sub_(1e-2 * p.grad)
+        def zero_grad(self, set_to_none=True):
+            for p in self.param_groups[0]['params']: p.grad = None
+        def state_dict(self): return {}
+        def load_state_dict(self, sd): pass
+    cb = PadGuardCallback()
+    tr = trainer_of(model, items_of(batch), tmp_path, [cb], cb.loss)
+    tr.optimizer = Plain(model.parameters())
+    with pytest.raises(RuntimeError, match='no torch optimizer holding the guarded rows ran a step'): tr.train()
+
+@pytest.mark.parametrize('kind', ['gpt2', 'llama'])
+def test_trainer_zeroes_gradient_rows_before_the_clip_with_hfs_own_loss(kind, tmp_path):
+    "The guard alone (the model's own loss, the pad column in its softmax): the gradient rows 0 before the Trainer's clip reads them"
+    model, batch, pad, _ = loop_model(kind)
+    cb = PadGuardCallback()
+    check = GradCheck(cb)
+    tr = trainer_of(model, items_of(batch), tmp_path, [cb, check], label_smoothing_factor=0., max_grad_norm=1e9)
+    tr.train()
+    logged = [h['grad_norm'] for h in tr.state.log_history if 'grad_norm' in h]
+    assert all(check.zero) and len(logged) == 4 and all(abs(a - b) <= 1e-9 * b for a, b in zip(logged, check.norms))
+    assert model.get_input_embeddings().weight[pad].eq(0).all() and model.get_output_embeddings().weight[pad].eq(0).all()
+
+def test_gradient_accumulation_counts_every_micro_batchs_tokens(tmp_path):
+    "2 micro-batches of 2 a step equal 1 batch of 4 (float64, to rounding), though the items hold different numbers of targets"
+    def run(out, **kw):
+        model, batch, _, _ = loop_model('gpt2')
+        batch['input_ids'][0, 2:], batch['labels'][0, 2:], batch['attention_mask'][0, 2:] = 0, -100, 0  # item 0: 1 target
+        cb = PadGuardCallback()
+        trainer_of(model, items_of(batch), out, [cb], cb.loss, **kw).train()
+        return dict(model.named_parameters())
+    a, b = run(tmp_path/'a'), run(tmp_path/'b', per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    for n, p in a.items(): assert (p - b[n]).abs().max() <= 1e-10 * b[n].abs().max(), n
