@@ -38,7 +38,7 @@ class PadGuardCallback(TrainerCallback):
         causal:bool|None=None, # Next-token targets; by default as the Trainer decides (the model's class is a causal LM)
     ):
         self.pad_idx,self.extra_idxs,self.emb,self.out,self.mode,self.causal = pad_idx,extra_idxs,emb,out,mode,causal
-        self.guard,self.ce,self.runs = None,None,0
+        self.guard,self.ce,self.steps = None,None,0
 
     def setup(self,
         model:nn.Module, # The model the Trainer trains
@@ -52,7 +52,7 @@ class PadGuardCallback(TrainerCallback):
         self.ce = None if g.loss_rows is None else PadCrossEntropy(g.pad_idx, [r for r in g.loss_rows if r != g.pad_idx],
                                                                    label_smoothing=label_smoothing)
         if self.causal is None: self.causal = is_causal_lm(model)
-        self.runs = self.guard.step_hook.runs
+        self.steps = self.guard.step_hook.steps
         return self.guard
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -62,10 +62,11 @@ class PadGuardCallback(TrainerCallback):
         check_not_zero(None, self.guard.resolution.targets)  # ZeRO-3's partitioned parameters
 
     def on_step_end(self, args, state, control, **kwargs):
-        "After the first step: some optimizer step must have written the rows back (else the optimizer is not a torch one)"
-        if self.guard is None or self.guard.step_hook.runs > self.runs or args.fp16: return  # fp16: a step the scaler skipped writes nothing
-        raise RuntimeError("The Trainer stepped its optimizer, but no torch optimizer holding the guarded rows ran a step, so nothing wrote "
-                           "them back: PadGuardCallback needs a torch.optim.Optimizer (accelerate's wraps one) over the model's parameters")
+        "After each step: a torch optimizer's step must have run (one that holds the rows writes them back), else it is not a torch one"
+        if self.guard is None or args.fp16: return  # fp16: a step the scaler skipped runs none
+        if self.guard.step_hook.steps > self.steps: self.steps = self.guard.step_hook.steps; return
+        raise RuntimeError("The Trainer stepped its optimizer, but no torch optimizer step ran, so nothing wrote the guarded rows back: "
+                           "PadGuardCallback needs a torch.optim.Optimizer (accelerate's wraps one), whose step runs torch's step hooks")
 
     def on_train_end(self, args, state, control, **kwargs):
         "Take the hooks off: the model is left as the last step wrote it"

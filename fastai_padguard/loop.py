@@ -17,9 +17,10 @@ from .trace import Kwargs
 from .rows import Guarded, find_guarded
 from .ops import RowKeeper, GuardedStep, guard_step, unguard_step, check_not_zero, local
 from .ce import PadCrossEntropy
+from .rowparams import TrainedRows, install_rows
 
 # %% auto #0
-__all__ = ['loop_batch', 'first_batch', 'StepHook', 'LoopGuard', 'padguard']
+__all__ = ['loop_batch', 'first_batch', 'StepHook', 'LoopGuard', 'padguard', 'train_rows']
 
 # %% ../nbs/11_loop.ipynb #l005
 def loop_batch(batch, # A mapping of the model's keyword inputs (a Hugging Face batch), a tensor, or a tuple of positional inputs
@@ -48,8 +49,11 @@ class StepHook:
     "A hook on every torch optimizer's step: after the step of one that holds a guarded parameter, the rows written back"
     def __init__(self,
         keeper:RowKeeper, # Whose rows it writes back
-    ): self.keeper,self.ps,self.holds,self.runs = keeper,{id(t.param) for t in keeper.targets},weakref.WeakKeyDictionary(),0
+    ):
+        self.keeper,self.ps,self.holds = keeper,{id(t.param) for t in keeper.targets},weakref.WeakKeyDictionary()
+        self.steps,self.runs = 0,0  # torch optimizer steps seen, and those that wrote the rows back
     def __call__(self, opt, args, kwargs):
+        self.steps += 1
         if opt not in self.holds: self.holds[opt] = any(id(p) in self.ps for g in opt.param_groups for p in g['params'])  # once per optimizer
         if self.holds[opt]: self.keeper.write_back(); self.runs += 1
 
@@ -126,3 +130,28 @@ def padguard(model:nn.Module, # Any model: a Hugging Face or PEFT model, a custo
         return LoopGuard(g, keeper, optimizer, hooks)
     sh = StepHook(keeper)
     return LoopGuard(g, keeper, None, hooks + [register_optimizer_step_post_hook(sh)], sh)
+
+# %% ../nbs/11_loop.ipynb #l014
+def train_rows(model:nn.Module, # Any model whose tables are looked up with `nn.Embedding`
+               rows:list, # The rows (token ids) to train, e.g. `added_rows(tokenizer)`
+               batch, # One batch the model takes: shows where the tables are looked up
+               optimizer=None, # An optimizer to give the rows' parameters to (one group per table, its hyperparameters)
+               pad_idx:int|None=None, # The pad index, never trained; by default the HF config's `pad_token_id` or `padding_idx`
+               extra_idxs:list|None=None, # Other rows that must not train
+              )->TrainedRows:
+    "Train only `rows` of `model`'s token tables, its output layer and that layer's bias; every other row of them stays bitwise still"
+    if not isinstance(rows, (list, tuple, range)) or not len(rows):
+        raise ValueError(f"rows={rows!r}: pass the row indices to train (e.g. added_rows(tokenizer))")
+    rows = tuple(sorted({int(r) for r in rows}))
+    g = find_guarded(model, None, pad_idx, extra_idxs, batch=loop_batch(batch))
+    if (both := sorted({r for t in g.targets for r in t.rows} & set(rows))):
+        raise ValueError(f"Rows {both} are guarded (the pad, or extra_idxs): they never train, leave them out of rows")
+    groups = [] if optimizer is None else [next((grp for grp in optimizer.param_groups if any(q is t.param for q in grp['params'])), None)
+                                           for t in g.targets]
+    tr = install_rows(model, g, rows)
+    for rp in tr.params: rp.param.requires_grad_(False); rp.param.grad = None  # no gradient: no step, momentum or decay touches it
+    if optimizer is not None:
+        for rp in tr.params:
+            grp = next((grp for t, grp in zip(g.targets, groups) if t.param is rp.param), None)
+            optimizer.add_param_group({**{k: v for k, v in (grp or {}).items() if k != 'params'}, 'params': [rp.values]})
+    return tr

@@ -96,6 +96,16 @@ class TrainedRows:
         for h in self.hooks: h.remove()
         for m in self.forwards: m.__dict__.pop('forward', None)
         for rp in self.params: rp.owner._parameters.pop(rp.attr, None)
+    def lift(self):
+        "Write the trained rows into their tables, `undo`, and let the tables train whole again"
+        if any(is_sharded(rp.param) for rp in self.params):
+            raise ValueError("The tables are sharded (FSDP2): their rows' parameters are among FSDP2's shards, so they can't be taken "
+                             "off here. Lift the rows once the model is whole again (after leaving fsdp_ctx)")
+        with torch.no_grad():
+            for rp in self.params: rp.param.copy_(rp.merged(self.rows))
+        params = [rp.param for rp in self.params]
+        self.undo()
+        for p in params: p.requires_grad_(True)
     def __repr__(self): return f"rows {list(self.rows)} of " + ', '.join(rp.names for rp in self.params)
 
 class _SaveMerged:

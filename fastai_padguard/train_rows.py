@@ -60,13 +60,7 @@ class RowTrainer(Callback):
 
     def lift(self):
         "Write the trained rows into their tables, take the hooks off, and train the tables whole again"
-        if sharded_model(self.learn.model):
-            raise ValueError("learn.model is sharded (fsdp_ctx): FSDP2 holds the rows' parameters among its shards, so they can't be "
-                             "taken off here. Lift the rows after leaving fsdp_ctx, where the model is whole again")
-        with torch.no_grad():
-            for rp in self.trained.params: rp.param.copy_(rp.merged(self.trained.rows))
-        self.trained.undo()
-        for rp in self.trained.params: rp.param.requires_grad_(True)
+        self.trained.lift()
         self.learn.opt = None  # the next fit builds an optimizer over the tables again
         self.learn.remove_cb(self)
 
