@@ -58,6 +58,8 @@ class StopAt(TrainerCallback):
 
 def test_trainer_resume_from_checkpoint_is_bitwise(tmp_path):
     "4 steps straight, against 2 steps, a checkpoint, and a new Trainer resuming from it for 2 more: every weight bitwise"
+    from packaging.version import Version
+    if Version(torch.__version__.split('+')[0]) < Version('2.6'): pytest.skip("transformers loads a checkpoint's optimizer state with torch >= 2.6 only")
     def run(out, **kw):
         model, batch, _, _ = loop_model('gpt2')
         cb = PadGuardCallback()
@@ -142,7 +144,9 @@ def test_trainer_trains_only_added_rows_and_save_pretrained_holds_them(kind, tmp
     shapes = {tuple(v.shape) for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()}
     assert (42, 16) not in shapes and (2, 16) in shapes, "optimizer state for the 2 rows, none the size of the table"
     model.save_pretrained(tmp_path/'saved')
-    loaded = type(model).from_pretrained(tmp_path/'saved', dtype=torch.float64)
+    from packaging.version import Version
+    dtype = {'dtype' if Version(T.__version__) >= Version('4.56') else 'torch_dtype': torch.float64}
+    loaded = type(model).from_pretrained(tmp_path/'saved', **dtype)
     for n in tables: assert torch.equal(loaded.state_dict()[n], sd[n]), f"{n}: from_pretrained reads the trained rows"
     tr.lift()
     for n in tables: assert torch.equal(model.state_dict()[n], sd[n]), f"{n}: lifted into the table"
