@@ -11,11 +11,11 @@ from .rows import *
 from .losses import PadCrossEntropyLossFlat
 from .fused import Fusion, fused_head
 from .chunked import check_chunk
+from .trace import rng_kept
 from .ops import RowKeeper, guard_step, unguard_step, sharded_model, check_not_zero
 from .compat import patch_weight_dropout, weight_dropout_remedy_needed
 from contextlib import nullcontext
 import random
-import numpy as np
 from fastai.callback.progress import ProgressCallback, ShowGraphCallback, CSVLogger
 from fastai.callback.tracker import TrackerCallback
 from fastai.callback.rnn import RNNCallback, RNNRegularizer, ModelResetter
@@ -50,14 +50,12 @@ def learner_batch(learn, # A `Learner`
             if dl is None or not len(dl): continue
         except TypeError: continue
         rng = getattr(dl, 'rng', None)
-        st, pst, nst = rng.getstate() if isinstance(rng, random.Random) else None, random.getstate(), np.random.get_state()
-        devs = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        st = rng.getstate() if isinstance(rng, random.Random) else None
         try:
-            with torch.random.fork_rng(devices=devs): b = dl.one_batch()
+            with rng_kept(): b = dl.one_batch()
         except Exception: continue
         finally:
             if st is not None: rng.setstate(st)
-            random.setstate(pst); np.random.set_state(nst)
         n = getattr(dls, 'n_inp', 1 if len(b)==1 else len(b)-1)
         return tuple(b[:n]), tuple(b[n:])
     return None

@@ -13,7 +13,6 @@ try: from transformers import TrainerCallback
 except ImportError as e:
     raise ImportError("fastai_padguard.hf is for the Hugging Face Trainer: pip install transformers (or pip install 'fastai-padguard[hf]')") from e
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from .ce import PadCrossEntropy
 from .ops import check_not_zero
 from .loop import padguard, first_batch, LoopGuard
 
@@ -48,18 +47,16 @@ class PadGuardCallback(TrainerCallback):
         "Find the rows from `batch` and guard them (what `on_train_begin` does; call it yourself to `evaluate()` before training)"
         if self.guard is not None: self.guard.remove()
         self.guard = padguard(model, None, batch, self.pad_idx, self.extra_idxs, self.emb, self.out, self.mode)
-        g = self.guard.resolution
-        self.ce = None if g.loss_rows is None else PadCrossEntropy(g.pad_idx, [r for r in g.loss_rows if r != g.pad_idx],
-                                                                   label_smoothing=label_smoothing)
+        self.ce = None if self.guard.resolution.loss_rows is None else self.guard.loss_func(label_smoothing)
         if self.causal is None: self.causal = is_causal_lm(model)
         self.steps = self.guard.step_hook.steps
         return self.guard
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         "Refuse DeepSpeed ZeRO; find the rows from the training set's first items and guard them, before any step"
-        if getattr(args, 'deepspeed', None) or getattr(args, 'deepspeed_plugin', None) is not None: check_not_zero(_DeepSpeed())
+        if getattr(args, 'deepspeed', None) or getattr(args, 'deepspeed_plugin', None) is not None:
+            check_not_zero(None, setting='TrainingArguments.deepspeed')  # `padguard` refuses ZeRO-3's partitioned parameters
         self.setup(model, first_batch(train_dataloader, args.per_device_train_batch_size), args.label_smoothing_factor)
-        check_not_zero(None, self.guard.resolution.targets)  # ZeRO-3's partitioned parameters
 
     def on_step_end(self, args, state, control, **kwargs):
         "After each step: a torch optimizer's step must have run (one that holds the rows writes them back), else it is not a torch one"
@@ -88,7 +85,3 @@ class PadGuardCallback(TrainerCallback):
         return (f"PadGuardCallback {self.guard!r}\n  loss: leaves out columns {list(self.ce.rows) if self.ce else None}"
                 f"{', next-token targets' if self.causal else ''}\n  fused: off: the model's own forward computes the logits before "
                 "the Trainer's loss (in a plain loop, compute the loss from the hidden states with fastai_padguard.chunked.linear_ce)")
-
-class _DeepSpeed:
-    "Stands for DeepSpeed's engine in `check_not_zero`'s message"
-_DeepSpeed.__module__ = 'deepspeed'  # what check_not_zero recognises

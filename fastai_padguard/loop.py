@@ -6,16 +6,14 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/loop.html.md"""
 
 # %% ../nbs/11_loop.ipynb #l003
 from __future__ import annotations
-import random, weakref
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-import numpy as np
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn, Tensor
-from .trace import Kwargs
+from .trace import Kwargs, rng_kept
 from .rows import Guarded, find_guarded
-from .ops import RowKeeper, GuardedStep, guard_step, unguard_step, check_not_zero, local
+from .ops import RowKeeper, GuardedStep, guard_step, unguard_step, check_not_zero
 from .ce import PadCrossEntropy
 from .rowparams import TrainedRows, install_rows
 
@@ -39,11 +37,7 @@ def first_batch(dl, # A torch `DataLoader` (a Hugging Face Trainer's, accelerate
     ds, collate = dl.dataset, dl.collate_fn
     try: items = [ds[i] for i in range(min(n, len(ds)))]
     except TypeError: items = [x for _, x in zip(range(n), iter(ds))]  # an iterable dataset
-    pst, nst = random.getstate(), np.random.get_state()
-    devs = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devs): return collate(items)  # a masking collator draws from torch's RNG
-    finally: random.setstate(pst); np.random.set_state(nst)
+    with rng_kept(): return collate(items)  # a masking collator draws from torch's RNG
 
 class StepHook:
     "A hook on every torch optimizer's step: after the step of one that holds a guarded parameter, the rows written back"
@@ -51,17 +45,16 @@ class StepHook:
         keeper:RowKeeper, # Whose rows it writes back
     ):
         self.keeper,self.ps,self.holds = keeper,{id(t.param) for t in keeper.targets},weakref.WeakKeyDictionary()
-        self.steps,self.runs = 0,0  # torch optimizer steps seen, and those that wrote the rows back
+        self.steps = 0  # torch optimizer steps seen
     def __call__(self, opt, args, kwargs):
         self.steps += 1
         if opt not in self.holds: self.holds[opt] = any(id(p) in self.ps for g in opt.param_groups for p in g['params'])  # once per optimizer
-        if self.holds[opt]: self.keeper.write_back(); self.runs += 1
+        if self.holds[opt]: self.keeper.write_back()
 
 class _ZeroGradRows:
-    "A post-accumulate-grad hook: the guarded rows of a parameter's gradient zeroed as soon as backward has accumulated it"
-    def __init__(self, dim, idx): self.dim,self.idx = dim,idx
-    def __call__(self, p):
-        if p.grad is not None: local(p.grad).index_fill_(self.dim, self.idx, 0.)
+    "A post-accumulate-grad hook: target `k`'s gradient rows zeroed as soon as backward has accumulated them"
+    def __init__(self, keeper, k): self.keeper,self.k = keeper,k
+    def __call__(self, p): self.keeper.zero_grad(self.k)
 
 @dataclass(eq=False)
 class LoopGuard:
@@ -70,7 +63,7 @@ class LoopGuard:
     keeper:RowKeeper # Zeroes the gradient rows and writes the rows back
     optimizer:object # The optimizer whose `step` writes the rows back; `None`: any torch optimizer holding them (`step_hook`)
     hooks:list # The handles of the gradient hooks (and of the step hook)
-    step_hook:StepHook|None=None # With no `optimizer`: the hook on torch's optimizer steps, which counts its write-backs
+    step_hook:StepHook|None=None # With no `optimizer`: the hook on torch's optimizer steps, which counts them
 
     @property
     def rows(self)->dict:
@@ -98,10 +91,6 @@ class LoopGuard:
         if self.optimizer is not None: unguard_step(self.optimizer)
         self.hooks = []
 
-    def write_back(self):
-        "Set the rows to 0 (or their kept values): what every step of the optimizer ends with"
-        self.keeper.write_back()
-
     def __repr__(self):
         return f"LoopGuard(mode={self.keeper.mode!r}) " + repr(self.resolution).replace('\n', '\n  ')
 
@@ -122,8 +111,7 @@ def padguard(model:nn.Module, # Any model: a Hugging Face or PEFT model, a custo
     g = find_guarded(model, None, pad_idx, extra_idxs, emb, out, loop_batch(batch))
     check_not_zero(optimizer, g.targets)  # before any row changes
     keeper = RowKeeper(g.targets, mode)
-    hooks = [t.param.register_post_accumulate_grad_hook(_ZeroGradRows(t.dim, i))
-             for t, i in zip(g.targets, keeper.idx) if t.param.requires_grad]
+    hooks = [t.param.register_post_accumulate_grad_hook(_ZeroGradRows(keeper, k)) for k, t in enumerate(g.targets) if t.param.requires_grad]
     keeper.write_back()
     if optimizer is not None:
         guard_step(optimizer, keeper)
@@ -146,12 +134,10 @@ def train_rows(model:nn.Module, # Any model whose tables are looked up with `nn.
     g = find_guarded(model, None, pad_idx, extra_idxs, batch=loop_batch(batch))
     if (both := sorted({r for t in g.targets for r in t.rows} & set(rows))):
         raise ValueError(f"Rows {both} are guarded (the pad, or extra_idxs): they never train, leave them out of rows")
-    groups = [] if optimizer is None else [next((grp for grp in optimizer.param_groups if any(q is t.param for q in grp['params'])), None)
-                                           for t in g.targets]
     tr = install_rows(model, g, rows)
     for rp in tr.params: rp.param.requires_grad_(False); rp.param.grad = None  # no gradient: no step, momentum or decay touches it
     if optimizer is not None:
+        group_of = {id(q): grp for grp in optimizer.param_groups for q in grp['params']}
         for rp in tr.params:
-            grp = next((grp for t, grp in zip(g.targets, groups) if t.param is rp.param), None)
-            optimizer.add_param_group({**{k: v for k, v in (grp or {}).items() if k != 'params'}, 'params': [rp.values]})
+            optimizer.add_param_group({**{k: v for k, v in group_of.get(id(rp.param), {}).items() if k != 'params'}, 'params': [rp.values]})
     return tr

@@ -85,8 +85,14 @@ class RowKeeper:
 
     def zero_grads(self):
         "Zero the rows of every gradient (before clipping, mixed precision's checks or the optimizer read them)"
-        for t,i in zip(self.targets, self.idx):
-            if t.param.grad is not None: local(t.param.grad).index_fill_(t.dim, i, 0.)
+        for k in range(len(self.targets)): self.zero_grad(k)
+
+    def zero_grad(self,
+        k:int, # Which target
+    ):
+        "Zero the rows of target `k`'s gradient (a hook on its parameter runs it as soon as backward has accumulated it)"
+        t = self.targets[k]
+        if t.param.grad is not None: local(t.param.grad).index_fill_(t.dim, self.idx[k], 0.)
 
     def write_back(self):
         "Set the rows to 0 (or their kept values): what every optimizer step ends with"
@@ -131,10 +137,12 @@ def unguard_step(opt, # An optimizer `guard_step` may have wrapped
 # %% ../nbs/01d_ops.ipynb #c010b
 def check_not_zero(opt, # The optimizer that will step (torch's, fastai's, or one wrapped in fastai's `OptimWrapper`)
                    targets:list=(), # The `Target`s whose rows will be kept
+                   setting:str|None=None, # A DeepSpeed setting found elsewhere (the Trainer's `args.deepspeed`), named in the error
                   ):
     "Refuse DeepSpeed ZeRO: its fp32 master copy would write the kept rows over at every step"
     inner = [o for o in (opt, getattr(opt, 'opt', None), getattr(opt, 'optimizer', None)) if o is not None]
-    zero = [type(o).__name__ for o in inner if type(o).__module__.split('.')[0] == 'deepspeed']
+    zero = [setting] if setting else []
+    zero += [type(o).__name__ for o in inner if type(o).__module__.split('.')[0] == 'deepspeed']
     zero += [t.names for t in targets if hasattr(t.param, 'ds_id')]  # ZeRO-3 marks the parameters it partitions
     if zero: raise RuntimeError(f"DeepSpeed ZeRO ({zero[0]}): it keeps its own fp32 master copy of the weights and writes it over "
                                 "them at every step, so the guarded rows would move again. Train with DDP (distrib_ctx) or FSDP2 "

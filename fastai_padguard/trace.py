@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 # %% auto #0
-__all__ = ['Lookup', 'LinearCall', 'OutLayer', 'param_of', 'untouched', 'Kwargs', 'is_ids', 'map_ids', 'logits_of', 'NoEvidence',
-           'Evidence']
+__all__ = ['Lookup', 'LinearCall', 'OutLayer', 'param_of', 'untouched', 'rng_kept', 'Kwargs', 'is_ids', 'map_ids', 'logits_of',
+           'NoEvidence', 'Evidence']
 
 # %% ../nbs/01b_trace.ipynb #c005
 @dataclass(eq=False)
@@ -106,22 +106,28 @@ def untouched(model:nn.Module, # The model to run
         d = dict(m.__dict__)
         subs = {k:(v, dict(v) if isinstance(v, dict) else list(v)) for k,v in d.items() if isinstance(v, (dict, list))}
         saved.append((m, d, subs, {k:b.clone() for k,b in m._buffers.items() if b is not None}))
-    devs = sorted({p.device.index or 0 for p in model.parameters() if p.device.type=='cuda'})
-    pst, nst = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=devs), torch.no_grad():
+        with rng_kept(), torch.no_grad():
             model.eval()
             for m in model.modules():
                 if getattr(m, '_compiled_call_impl', None) is not None: m._compiled_call_impl = None  # `module.compile()`: run it eagerly
             yield
     finally:
-        random.setstate(pst); np.random.set_state(nst)
         for m,d,subs,bufs in saved:
             m.__dict__.clear(); m.__dict__.update(d)
             for o,c in subs.values():
                 if isinstance(o, dict): o.clear(); o.update(c)
                 else: o[:] = c
             for k,b in bufs.items(): m._buffers[k].copy_(b)
+
+@contextmanager
+def rng_kept():
+    "Run a block that may draw random numbers, then put back Python's, numpy's and torch's RNG states (CUDA's where it is set up)"
+    devs = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    pst, nst = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devs): yield
+    finally: random.setstate(pst); np.random.set_state(nst)
 
 class Kwargs(dict):
     "A batch's inputs passed by name: the model runs as `model(**inputs)` (a Hugging Face batch, outside a fastai learner)"
