@@ -14,16 +14,9 @@ warnings.filterwarnings('ignore')
 import torch, fastai
 from fastai.text.all import *
 from fastai_padguard.all import *
+from step import peak_rss, reset_peak_rss
 
 VARIANTS = ['plain fastai', 'padguard(fused=False)', 'padguard()']
-
-def _reset_peak_rss():
-    try: Path('/proc/self/clear_refs').write_text('5'); return True
-    except OSError: return False
-
-def _rss(key):
-    for l in Path('/proc/self/status').read_text().splitlines():
-        if l.startswith(key): return int(l.split()[1])*1024
 
 def make(args):
     "DataLoaders of `steps` training and `valid` validation batches of `bs x seq_len` tokens, and the model's initial weights"
@@ -64,10 +57,10 @@ def memory(variant, args):
     cuda = args.device.startswith('cuda')
     if cuda: sync(args); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss('VmRSS:')
-        if not _reset_peak_rss(): return None
+        base = peak_rss('VmRSS:')
+        if not reset_peak_rss(): return None
     fit(guard(learn, variant), args)
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss('VmHWM:')
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     return {'growth_bytes': peak - base, 'valid_loss': float(learn.recorder.values[-1][1])}
 
 def markdown(res)->str:

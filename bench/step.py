@@ -43,12 +43,13 @@ class MaskedLogitsLoss(CrossEntropyLossFlat):
     def __init__(self, pad): super().__init__(); self.pad = pad
     def __call__(self, inp, targ, **kw): return super().__call__(inp.index_fill(-1, torch.tensor([self.pad], device=inp.device), -float('inf')), targ, **kw)
 
-def _reset_peak_rss():
+def reset_peak_rss():
     "Linux: reset the process's peak resident set size (VmHWM); False where that isn't possible"
     try: Path('/proc/self/clear_refs').write_text('5'); return True
     except OSError: return False
 
-def _peak_rss(key='VmHWM:'):
+def peak_rss(key='VmHWM:'):
+    "Linux: the process's peak resident set size (VmHWM) in bytes, or another field of /proc/self/status (VmRSS: now)"
     for l in Path('/proc/self/status').read_text().splitlines():
         if l.startswith(key): return int(l.split()[1])*1024
 
@@ -61,21 +62,21 @@ class StepTimer(Callback):
     def before_batch(self):
         if not self.training: return
         if self.memory:
-            self.base = torch.cuda.memory_allocated() if self.cuda else _peak_rss('VmRSS:')  # what is resident before the step
+            self.base = torch.cuda.memory_allocated() if self.cuda else peak_rss('VmRSS:')  # what is resident before the step
             if self.cuda: torch.cuda.reset_peak_memory_stats()
-            elif not _reset_peak_rss(): self.memory = False
+            elif not reset_peak_rss(): self.memory = False
         if self.cuda: torch.cuda.synchronize()
         self.t0 = time.perf_counter()
     def after_backward(self):  # the peak up to here: forward, loss and backward, without the optimizer's step
         if self.memory and self.training:
             if self.cuda: torch.cuda.synchronize()
-            self.fb.append((torch.cuda.max_memory_allocated() if self.cuda else _peak_rss()) - self.base)
+            self.fb.append((torch.cuda.max_memory_allocated() if self.cuda else peak_rss()) - self.base)
     def after_batch(self):
         if not self.training: return
         if self.cuda: torch.cuda.synchronize()
         self.times.append(time.perf_counter()-self.t0)
         if self.memory:
-            self.peaks.append(torch.cuda.max_memory_allocated() if self.cuda else _peak_rss())
+            self.peaks.append(torch.cuda.max_memory_allocated() if self.cuda else peak_rss())
             self.growth.append(self.peaks[-1] - self.base)
 
 class SyncDebug(Callback):

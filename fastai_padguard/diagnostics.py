@@ -6,6 +6,7 @@ Docs: https://fastai-padguard.github.io/fastai-padguard/diagnostics.html.md"""
 
 # %% ../nbs/04_diagnostics.ipynb #c003
 from __future__ import annotations
+import itertools
 from fastai.basics import *
 from fastai.text.data import LMDataLoader
 from fastprogress.fastprogress import progress_bar
@@ -13,9 +14,11 @@ from .rows import *
 from .core import PadGuard, learn_vocab, learner_batch, learner_scored
 from .trace import map_ids
 from .train_rows import row_trainer
+from .loop import RowAudit, audit_rows
+from . import loop
 
 # %% auto #0
-__all__ = ['PadAudit', 'pad_audit', 'PadMonitor', 'RowAudit', 'row_audit', 'init_untrained_rows']
+__all__ = ['PadAudit', 'pad_audit', 'PadMonitor', 'row_audit', 'init_untrained_rows', 'RowAudit']
 
 # %% ../nbs/04_diagnostics.ipynb #c006
 class PadAudit:
@@ -136,18 +139,7 @@ class PadMonitor(Callback):
         return ax
 
 # %% ../nbs/04_diagnostics.ipynb #c018
-class RowAudit:
-    "What `row_audit` found per token table and output layer (by parameter names): `untrained`, `unused`, `guarded` rows, `threshold`, `params`"
-    def __init__(self,
-        untrained:dict, # `{names: rows}` whose largest |value| is at most `threshold` (guarded rows left out)
-        unused:dict, # `{names: rows}` whose ids no scanned batch holds (guarded rows left out)
-        guarded:dict, # `{names: rows}` the guard keeps, left out of both
-        threshold:float, # The largest |value| of a row that looks untrained
-        params:dict, # `{names: parameter}`
-    ): store_attr()
-    def __repr__(self):
-        show = lambda rs: f"{len(rs)} {list(rs[:10])}" + (' ...' if len(rs) > 10 else '')
-        return '\n'.join(f"{n}: untrained {show(self.untrained[n])}; never in the data {show(self.unused[n])}" for n in self.params)
+_all_ = ['RowAudit']  # defined with the torch-only mechanics (`fastai_padguard.loop`), exported from here as before
 
 # %% ../nbs/04_diagnostics.ipynb #c019
 def row_audit(learn:Learner, # A learner with a text model
@@ -157,49 +149,14 @@ def row_audit(learn:Learner, # A learner with a text model
     "Rows of the token tables and output layer that look untrained, and rows whose ids the data never holds"
     guard = getattr(learn, 'pad_guard', None)
     g = guard.current_resolution() if guard is not None else find_guarded(learn.model, learn_vocab(learn), batch=learner_batch(learn), scored=learner_scored(learn))
-    ts = [t for t in g.targets if t.role in ('table', 'head') and t.dim==0]
-    n = max(t.param.shape[0] for t in ts)
-    counts = torch.zeros(n, dtype=torch.long)
-    def add(x):
-        "Count the ids in `x` (targets' ignore values and out-of-range ids left out)"
-        ids = x.flatten().as_subclass(Tensor).cpu()
-        counts.add_(torch.bincount(ids[(ids >= 0) & (ids < n)], minlength=n))
-        return x
-    for i,b in enumerate(learn.dls.train):
-        if max_batches is not None and i >= max_batches: break
-        map_ids(tuple(b), add)
-    scanned = max_batches != 0
-    untrained, unused, guarded, params = {}, {}, {}, {}
     rt = row_trainer(learn)
-    for t in ts:
-        rp = rt.trained.of(t.param) if rt is not None else None
-        w = t.param.detach() if rp is None else rp.merged(rt.trained.rows)  # what the model uses while rows train
-        small = (w.abs().amax(1) <= threshold).nonzero().flatten().tolist()
-        untrained[t.names] = [r for r in small if r not in t.rows]
-        unused[t.names] = [r for r in (counts[:w.shape[0]]==0).nonzero().flatten().tolist() if r not in t.rows] if scanned else []
-        guarded[t.names], params[t.names] = list(t.rows), t.param
-    return RowAudit(untrained, unused, guarded, threshold, params)
+    batches = None if max_batches == 0 else itertools.islice(learn.dls.train, max_batches)
+    return audit_rows(g, batches, threshold, rt.trained if rt is not None else None)
 
 # %% ../nbs/04_diagnostics.ipynb #c020
 def init_untrained_rows(learn:Learner, # A learner with a text model
                         audit:RowAudit|None=None, # What `row_audit` found; by default `row_audit(learn, max_batches=0)`
                        )->dict:
     "Set each untrained row to the mean of its table's trained rows, as Unsloth's `fix_untrained_tokens` does; returns `{names: rows set}`"
-    audit = audit or row_audit(learn, max_batches=0)
-    done, rt, writes = {}, row_trainer(learn), []
-    with torch.no_grad():
-        for n,rows in audit.untrained.items():
-            if not rows: continue
-            p = audit.params[n]
-            rp = rt.trained.of(p) if rt is not None else None
-            chosen = rt.trained.rows if rp is not None else ()  # rows that train live in their own parameter: set them there
-            w = p.detach() if rp is None else rp.merged(chosen)
-            left = set(rows) | set(audit.guarded[n])
-            trained = [i for i in range(p.shape[0]) if i not in left]
-            if not trained: raise ValueError(f"'{n}': every row looks untrained (largest |value| <= {audit.threshold}), so there is no mean to start from")
-            mean = w[trained].mean(0).to(p.dtype)
-            if [r for r in rows if r not in chosen]: writes.append((p, [r for r in rows if r not in chosen], mean))
-            if [r for r in rows if r in chosen]: writes.append((rp.values, [chosen.index(r) for r in rows if r in chosen], mean.to(rp.values.dtype)))
-            done[n] = rows
-        for dest, idx, v in writes: dest[idx] = v  # only once every table was worked out: a refusal changes nothing
-    return done
+    rt = row_trainer(learn)
+    return loop.init_untrained_rows(audit or row_audit(learn, max_batches=0), rt.trained if rt is not None else None)

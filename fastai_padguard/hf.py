@@ -84,4 +84,4 @@ class PadGuardCallback(TrainerCallback):
         if self.guard is None: return f"PadGuardCallback(mode={self.mode!r}): rows not found yet (at train())"
         return (f"PadGuardCallback {self.guard!r}\n  loss: leaves out columns {list(self.ce.rows) if self.ce else None}"
                 f"{', next-token targets' if self.causal else ''}\n  fused: off: the model's own forward computes the logits before "
-                "the Trainer's loss (in a plain loop, compute the loss from the hidden states with fastai_padguard.chunked.linear_ce)")
+                "the Trainer's loss (in a plain loop, loop.padguard(...).fused_loss(hidden, targets) computes it from the hidden states)")

@@ -11,14 +11,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn, Tensor
-from .trace import Kwargs, rng_kept
+from itertools import islice
+import torch
+from .trace import Kwargs, rng_kept, map_ids
 from .rows import Guarded, find_guarded
 from .ops import RowKeeper, GuardedStep, guard_step, unguard_step, check_not_zero
 from .ce import PadCrossEntropy
+from .chunked import linear_ce, check_chunk
+from .fused import fused_head, autocast_state
 from .rowparams import TrainedRows, install_rows
 
 # %% auto #0
-__all__ = ['loop_batch', 'first_batch', 'StepHook', 'LoopGuard', 'padguard', 'train_rows']
+__all__ = ['loop_batch', 'first_batch', 'StepHook', 'LoopGuard', 'padguard', 'train_rows', 'RowAudit', 'audit_rows', 'row_audit',
+           'init_untrained_rows']
 
 # %% ../nbs/11_loop.ipynb #l005
 def loop_batch(batch, # A mapping of the model's keyword inputs (a Hugging Face batch), a tensor, or a tuple of positional inputs
@@ -85,6 +90,23 @@ class LoopGuard:
                                                  "left out: use torch.nn.CrossEntropyLoss")
         return PadCrossEntropy(g.pad_idx, [r for r in g.loss_rows if r != g.pad_idx], ignore_index, reduction, label_smoothing=label_smoothing)
 
+    def fused_loss(self,
+        hidden:Tensor, # The output layer's input, `(..., in_features)`: a Hugging Face model's `last_hidden_state`, say
+        targets:Tensor, # One target per token, of `hidden.shape[:-1]` (shifted already for next-token targets)
+        label_smoothing:float=0., # Spread over the kept columns only
+        ignore_index:int=-100, # Targets equal to this are ignored
+        reduction:str='mean', # 'mean' (over the targets kept), 'sum' or 'none'
+        chunk:int|None=None, # Tokens per chunk; by default sized from the vocab
+    )->Tensor:
+        "`loss_func` of the output layer's logits from `hidden`, a chunk of tokens at a time: the `(tokens, vocab)` logits never held whole"
+        ce, g = self.loss_func(label_smoothing, ignore_index, reduction), self.resolution
+        f = fused_head(g.head, ce, g, check_chunk(chunk))  # the fastai learner's decision, on the output layer alone
+        why = f.why or (g.transformed and "the loss scores a transform of the output layer's result (a soft-cap, a scale), "
+                        "which the hidden states don't carry")
+        if why: raise ValueError(f"No fused loss for this model: {why}. Compute the logits and use guard.loss_func()")
+        h = hidden.flatten(0, -2)
+        return linear_ce(h, g.head.weight, g.head.bias, targets.flatten().to(h.device), ce, n=chunk, cast=autocast_state(h.device.type))
+
     def remove(self):
         "Take the hooks off and give the optimizer its own `step` back (the rows are left as the last step wrote them)"
         for h in self.hooks: h.remove()
@@ -141,3 +163,80 @@ def train_rows(model:nn.Module, # Any model whose tables are looked up with `nn.
         for rp in tr.params:
             optimizer.add_param_group({**{k: v for k, v in group_of.get(id(rp.param), {}).items() if k != 'params'}, 'params': [rp.values]})
     return tr
+
+# %% ../nbs/11_loop.ipynb #l017
+class RowAudit:
+    "What `row_audit` found per token table and output layer (by parameter names): `untrained`, `unused`, `guarded` rows, `threshold`, `params`"
+    def __init__(self,
+        untrained:dict, # `{names: rows}` whose largest |value| is at most `threshold` (guarded rows left out)
+        unused:dict, # `{names: rows}` whose ids no scanned batch holds (guarded rows left out)
+        guarded:dict, # `{names: rows}` the guard keeps, left out of both
+        threshold:float, # The largest |value| of a row that looks untrained
+        params:dict, # `{names: parameter}`
+    ): self.untrained,self.unused,self.guarded,self.threshold,self.params = untrained,unused,guarded,threshold,params
+    def __repr__(self):
+        show = lambda rs: f"{len(rs)} {list(rs[:10])}" + (' ...' if len(rs) > 10 else '')
+        return '\n'.join(f"{n}: untrained {show(self.untrained[n])}; never in the data {show(self.unused[n])}" for n in self.params)
+
+def audit_rows(g:Guarded, # What `find_guarded` found in the model
+               batches=None, # Batches to scan for the ids the data uses (any iterable of what the model takes); `None`: none
+               threshold:float=1e-8, # A row whose largest |value| is at most this looks untrained
+               trained:TrainedRows|None=None, # The rows that train (`train_rows`), read where they live
+              )->RowAudit:
+    "Rows of `g`'s token tables and output layer that look untrained, and rows whose ids no batch holds"
+    ts = [t for t in g.targets if t.role in ('table', 'head') and t.dim==0]
+    n = max(t.param.shape[0] for t in ts)
+    counts = torch.zeros(n, dtype=torch.long)
+    def add(x):
+        "Count the ids in `x` (targets' ignore values and out-of-range ids left out)"
+        ids = x.flatten().as_subclass(Tensor).cpu()
+        counts.add_(torch.bincount(ids[(ids >= 0) & (ids < n)], minlength=n))
+        return x
+    for b in batches or (): map_ids(tuple(b) if isinstance(b, (tuple, list)) else b, add)
+    untrained, unused, guarded, params = {}, {}, {}, {}
+    for t in ts:
+        rp = trained.of(t.param) if trained is not None else None
+        w = t.param.detach() if rp is None else rp.merged(trained.rows)  # what the model uses while rows train
+        small = (w.abs().amax(1) <= threshold).nonzero().flatten().tolist()
+        untrained[t.names] = [r for r in small if r not in t.rows]
+        unused[t.names] = [r for r in (counts[:w.shape[0]]==0).nonzero().flatten().tolist() if r not in t.rows] if batches is not None else []
+        guarded[t.names], params[t.names] = list(t.rows), t.param
+    return RowAudit(untrained, unused, guarded, threshold, params)
+
+def row_audit(model:nn.Module, # Any model: a Hugging Face or PEFT model, a custom PyTorch LM
+              batch, # One batch the model takes: the evidence of which tables it looks up (as `padguard`'s)
+              data=None, # Batches to scan for the ids the data uses (a DataLoader); `None`: none scanned
+              threshold:float=1e-8, # A row whose largest |value| is at most this looks untrained
+              max_batches:int|None=None, # Scan at most this many batches of `data`
+              pad_idx:int|None=None, # The pad index; by default the HF config's `pad_token_id` or the embedding's `padding_idx`
+              extra_idxs:list|None=None, # Other guarded rows, left out of the audit
+              trained:TrainedRows|None=None, # What `train_rows` returned, if rows train: their values are read where they live
+             )->RowAudit:
+    "Rows of `model`'s token tables and output layer that look untrained, and rows whose ids `data` never holds"
+    if trained is None and any(n.endswith('_trained_rows') for n, _ in model.named_parameters()):
+        raise ValueError("Rows of this model train in their own parameters (train_rows): pass trained=, what train_rows returned, "
+                         "so the audit reads the rows where the model does")
+    g = find_guarded(model, None, pad_idx, extra_idxs, batch=loop_batch(batch))
+    return audit_rows(g, None if data is None or max_batches == 0 else islice(data, max_batches), threshold, trained)
+
+def init_untrained_rows(audit:RowAudit, # What `row_audit` found
+                        trained:TrainedRows|None=None, # What `train_rows` returned, if rows train: those rows are set where they live
+                       )->dict:
+    "Set each untrained row to the mean of its table's trained rows, as Unsloth's `fix_untrained_tokens` does; returns `{names: rows set}`"
+    done, writes = {}, []
+    with torch.no_grad():
+        for n,rows in audit.untrained.items():
+            if not rows: continue
+            p = audit.params[n]
+            rp = trained.of(p) if trained is not None else None
+            chosen = trained.rows if rp is not None else ()  # rows that train live in their own parameter: set them there
+            w = p.detach() if rp is None else rp.merged(chosen)
+            left = set(rows) | set(audit.guarded[n])
+            rest = [i for i in range(p.shape[0]) if i not in left]
+            if not rest: raise ValueError(f"'{n}': every row looks untrained (largest |value| <= {audit.threshold}), so there is no mean to start from")
+            mean = w[rest].mean(0).to(p.dtype)
+            if [r for r in rows if r not in chosen]: writes.append((p, [r for r in rows if r not in chosen], mean))
+            if [r for r in rows if r in chosen]: writes.append((rp.values, [chosen.index(r) for r in rows if r in chosen], mean.to(rp.values.dtype)))
+            done[n] = rows
+        for dest, idx, v in writes: dest[idx] = v  # only once every table was worked out: a refusal changes nothing
+    return done

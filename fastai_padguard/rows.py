@@ -10,7 +10,7 @@ import functools, operator
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
-from .trace import Evidence, NoEvidence
+from .trace import Evidence, NoEvidence, OutLayer
 
 # %% auto #0
 __all__ = ['FAKE', 'EMB_TYPES', 'PAD', 'Target', 'Guarded', 'find_guarded', 'check_idx', 'check_extra_idxs', 'rows_on',
@@ -41,6 +41,7 @@ class Guarded:
     evidence:bool # Whether one batch decided (else the name and size rules)
     head:nn.Module|None=None # The one module seen writing the logits the loss scores (the fused loss runs it); `None` if not one
     lookups:dict=field(default_factory=dict) # `{id(table): [modules seen looking it up]}`, from the batch (`train_rows` hooks them)
+    transformed:bool=False # The loss scores a transform of the output layer's result (a soft-cap, a scale), seen in the batch
     @property
     def rows(self)->dict:
         "`{parameter names: rows}`"
@@ -115,7 +116,7 @@ def find_guarded(model:nn.Module, # The model, possibly a wrapper around Hugging
     heads = [o.module for o in (ev.outs if ev is not None else []) if any(o.weight is p for p,_,_ in outs)]
     head = heads[0] if len(heads)==1 and len(outs)==1 and lrows is not None else None
     return Guarded(sorted(targets.values(), key=lambda t: order.get(id(t.param), len(order))), lpad, lrows, notes, ev is not None, head,
-                   ev.lookups if ev is not None else {})
+                   ev.lookups if ev is not None else {}, any(o.how != OutLayer.SCORED for o in (ev.outs if ev is not None else [])))
 
 # %% ../nbs/01a_rows.ipynb #c009
 FAKE = 'xxfake'

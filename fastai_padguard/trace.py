@@ -44,6 +44,7 @@ class OutLayer:
     how:str # How it was seen (the loss scores its result, or a transform of it)
     bias:nn.Parameter|None # Its bias, when a parameter
     module:nn.Module|None # The module that ran it
+    SCORED = 'writes the logits the loss scores'  # `how`, when the loss scores its result itself (not a transform of it)
 
 # %% ../nbs/01b_trace.ipynb #c007
 def _arg(args, kwargs, i, name):
@@ -273,7 +274,7 @@ def _tables(la, lb)->tuple:
 def _outs(linears, scored)->tuple:
     "An `OutLayer` per layer whose result the loss scores (or, failing that, whose result has the logits' shape), and a note"
     if scored is None: return [], []
-    hits, how, notes = [l for l in linears if _same(l.out, scored)], 'writes the logits the loss scores', []
+    hits, how, notes = [l for l in linears if _same(l.out, scored)], OutLayer.SCORED, []
     if not hits:
         hits = [l for l in linears if l.out.shape[-1]==scored.shape[-1] and l.out.numel()==scored.numel()]
         how = 'writes the logits, transformed before the loss'

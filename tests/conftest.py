@@ -200,3 +200,16 @@ def items_of(batch):
     "A batch (a mapping of tensors) as a list of per-item dicts: a dataset the Trainer's default collator stacks back"
     n = len(next(iter(batch.values())))
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+def two_processes(script:str, out, *args, env:dict|None=None, cwd=None):
+    "Run `tests/script OUT ARGS` on 2 processes (torchrun, gloo, loopback): each rank's saved results `out/rank{i}.pt`"
+    import socket, subprocess, sys
+    from pathlib import Path
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent/'torchrun'
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'OMP_NUM_THREADS': '1', **(env or {})}
+    r = subprocess.run([str(torchrun), '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(port),
+                        str(Path(__file__).resolve().parent/script), str(out), *args], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [torch.load(Path(out)/f'rank{i}.pt', weights_only=False) for i in (0, 1)]

@@ -84,3 +84,20 @@ def test_fsdp_table_is_the_saved_run():
     table = subprocess.run([sys.executable, str(ROOT/'bench'/'fsdp.py'), '--table', str(ROOT/'bench'/'results-fsdp.json')],
                            check=True, capture_output=True, text=True).stdout.strip()
     assert table in (ROOT/'bench'/'README.md').read_text()
+
+def test_hf_bench_quick(tmp_path):
+    "bench/hf.py: both parts run inside the Trainer and emit their variants (a smoke test: nothing about speed)"
+    pytest.importorskip('peft'); pytest.importorskip('transformers')
+    for part, first in (('rows', 'PEFT TrainableTokens'), ('loss', "HF's default loss")):
+        out = tmp_path/f'{part}.json'
+        subprocess.run([sys.executable, str(ROOT/'bench'/'hf.py'), '--part', part, '--quick', '--no-memory', '--out', str(tmp_path/part),
+                        '--json', str(out)], check=True, capture_output=True, timeout=300, cwd=ROOT)
+        res = json.loads(out.read_text())
+        assert list(res['variants'])[0] == first and all(d['median_s'] > 0 for d in res['variants'].values())
+
+@pytest.mark.parametrize('saved', ['results-hf-rows.json', 'results-hf-loss.json', 'results-hf-loss-250k.json'])
+def test_hf_tables_are_the_saved_runs(saved):
+    pytest.importorskip('transformers')
+    table = subprocess.run([sys.executable, str(ROOT/'bench'/'hf.py'), '--table', str(ROOT/'bench'/saved)],
+                           check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    assert table in (ROOT/'bench'/'README.md').read_text()

@@ -48,7 +48,9 @@ def test_trainer_keeps_pad_rows_and_scores_kept_columns(kind, tmp_path):
         logits = model(**{k: v for k, v in batch.items() if k != 'labels'}).logits
     want = reference(logits, batch['labels'], list(g.rows), causal)
     assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-12 * want.item()
-    assert 'fused: off' in repr(cb) or cb.guard is None
+    cb.setup(model, batch)  # guarded again (train() took the hooks off at its end), to read what it says
+    assert 'fused: off' in repr(cb) and 'leaves out columns [0]' in repr(cb)
+    cb.guard.remove()
 
 class StopAt(TrainerCallback):
     "End training after step `n` (the checkpoint of that step is written first)"
@@ -150,3 +152,53 @@ def test_trainer_trains_only_added_rows_and_save_pretrained_holds_them(kind, tmp
     for n in tables: assert torch.equal(loaded.state_dict()[n], sd[n]), f"{n}: from_pretrained reads the trained rows"
     tr.lift()
     for n in tables: assert torch.equal(model.state_dict()[n], sd[n]), f"{n}: lifted into the table"
+
+@pytest.mark.slow
+def test_trainer_ddp_two_processes_equal_one_process(tmp_path):
+    "The Trainer under torchrun (accelerate's DDP on CPU, gloo), 2 items a rank, clip 1e-2: rows 0 on both ranks; the weights as one process's batch of 4"
+    from conftest import two_processes
+    r0, r1 = two_processes('loop_ddp.py', tmp_path, 'trainer')
+    for r in (r0, r1):
+        assert len(r['grad_rows']) == 4 and all(g.eq(0).all() for s in r['grad_rows'] for g in s), "gradient rows 0 at the step"
+        assert all(w.eq(0).all() for s in r['rows'] for w in s), "the rows 0 after every step"
+    assert all(torch.equal(v, r1['state'][k]) for k, v in r0['state'].items()), "ranks hold identical weights"
+    model, batch, _, _ = loop_model('gpt2')  # as tests/loop_ddp.py: item 0 holds 1 target, the others 6
+    batch['input_ids'][0, 2:], batch['labels'][0, 2:], batch['attention_mask'][0, 2:] = 0, -100, 0
+    cb = PadGuardCallback()
+    tr = trainer_of(model, items_of(batch), tmp_path/'one', [cb], cb.loss, gradient_accumulation_steps=1, per_device_train_batch_size=4,
+                    max_grad_norm=1e-2)
+    tr.train()
+    norms = lambda log: [h['grad_norm'] for h in log if 'grad_norm' in h]
+    assert all(abs(a - b) <= 1e-12 * b for a, b in zip(norms(r0['log']), norms(tr.state.log_history)))
+    for k, v in model.state_dict().items():
+        assert (v - r0['state'][k]).abs().max() <= 1e-12 * v.abs().max(), k
+
+@pytest.mark.parametrize('how', ['peft-lora', 'bf16'])
+def test_trainer_keeps_the_trained_tables_pad_rows_with_peft_and_bf16(how, tmp_path):
+    "A PEFT LoRA model whose tables train as PEFT's copies (modules_to_save), and bf16 autocast: the tables that train keep rows 0"
+    model, batch, pad, _ = loop_model('llama')
+    if how == 'peft-lora':
+        peft = pytest.importorskip('peft')
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], modules_to_save=['embed_tokens', 'lm_head']))
+        kw = {}
+    else: model, kw = model.float(), dict(bf16=True)
+    cb = PadGuardCallback()
+    check = GradCheck(cb)
+    tr = trainer_of(model, items_of(batch), tmp_path, [cb, check], cb.loss, **kw)
+    tr.train()
+    assert len(check.zero) == 4 and all(check.zero)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and p.shape[0] == 40}
+    assert len(trained) == 2 and all('modules_to_save' in n for n in trained) == (how == 'peft-lora'), list(trained)
+    for n, p in trained.items(): assert p.detach()[pad].eq(0).all(), n
+    losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]
+    assert len(losses) == 4 and all(l == l and abs(l) < 1e3 for l in losses)
+
+def test_deepspeed_is_refused_before_anything_changes():
+    "TrainingArguments.deepspeed set: ZeRO's fp32 master copy would write the rows over, so on_train_begin refuses, guarding nothing"
+    from types import SimpleNamespace
+    model, batch, pad, _ = loop_model('gpt2')
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = PadGuardCallback()
+    with pytest.raises(RuntimeError, match=r'DeepSpeed ZeRO \(TrainingArguments.deepspeed\).*DDP'):
+        cb.on_train_begin(SimpleNamespace(deepspeed='ds_config.json', deepspeed_plugin=None), None, None, model=model, train_dataloader=None)
+    assert cb.guard is None and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
