@@ -2,6 +2,7 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR [zero|freeze]
 """
 import sys, os, warnings
+import faulthandler; faulthandler.dump_traceback_later(300, exit=True)  # a hang fails with every thread's stack
 warnings.filterwarnings('ignore')
 from pathlib import Path
 import torch

@@ -5,6 +5,7 @@ Float64 throughout. Each rank trains on its half of every batch (FSDP2 averages 
 halves together: the losses and the weights agree to rounding, the guarded rows are exactly 0 on every shard.
 """
 import sys, os, warnings
+import faulthandler; faulthandler.dump_traceback_later(300, exit=True)  # a hang fails with every thread's stack
 warnings.filterwarnings('ignore')
 from pathlib import Path
 import torch, torch.distributed as dist
@@ -27,7 +28,8 @@ def gpt2_dls(pad=0, n=128, seq=12, n_tok=40):
     x = torch.randint(3, n_tok-1, (n, seq+1), generator=g); x[:, -3:] = pad  # never the guarded row n_tok-1: it is no target
     ds = [(x[i, :-1], x[i, 1:]) for i in range(n)]
     tfms = [[ItemGetter(0)], [ItemGetter(1)]]  # fastai Datasets: what `export` can empty
-    return DataLoaders.from_dsets(Datasets(ds[:96], tfms), Datasets(ds[96:], tfms), bs=8, shuffle=False, device='cpu')
+    return DataLoaders.from_dsets(Datasets(ds[:96], tfms), Datasets(ds[96:], tfms), bs=8, shuffle=False, device='cpu',
+                                  num_workers=0)  # no worker processes forked after gloo's threads started (a rare hang)
 
 def learner():
     set_seed(0, reproducible=True)

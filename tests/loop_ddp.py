@@ -3,6 +3,7 @@ saves what it saw. Run by tests/test_loop.py and tests/test_hf.py:
     torchrun --nproc_per_node 2 tests/loop_ddp.py OUT_DIR [loop|trainer]
 """
 import sys, os, warnings
+import faulthandler; faulthandler.dump_traceback_later(300, exit=True)  # a hang fails with every thread's stack
 warnings.filterwarnings('ignore')
 from pathlib import Path
 import torch, torch.distributed as dist
