@@ -7,7 +7,8 @@ over what was there before it).
                  `loop.train_rows` + `PadGuardCallback` (with HF's own loss, and with the callback's), and the whole table
                  training (what a user does without either); the optimizer's state bytes
     --part loss: a Llama-layout model in bf16 (untied, vocab 128,000 by default): HF's default loss (`ForCausalLMLoss`, which
-                 upcasts the logits to float32) beside `PadGuardCallback`'s loss
+                 upcasts the logits to float32) beside `PadGuardCallback`'s loss, over the logits and fused (the output layer run
+                 inside the loss in chunks)
 
     python bench/hf.py --part rows [--device cpu] [--json bench/results-hf-rows.json]
     python bench/hf.py --part loss --vocab 250000 [--json bench/results-hf-loss-250k.json]
@@ -24,7 +25,7 @@ from fastai_padguard.loop import train_rows
 from step import peak_rss, reset_peak_rss
 
 ROWS = ['PEFT TrainableTokens', 'train_rows (ours), HF loss', 'train_rows (ours), its loss', 'whole table trains']
-LOSS = ["HF's default loss", 'PadGuardCallback, HF loss', 'PadGuardCallback, its loss']
+LOSS = ["HF's default loss", 'PadGuardCallback, HF loss', 'PadGuardCallback, its loss', 'PadGuardCallback, its loss fused']
 
 class StepClock(TrainerCallback):
     "Each optimizer step's time (forward, loss, backward, clip, step) and, with `memory`, its growth over what was resident before"
@@ -69,8 +70,8 @@ def trainer(variant, args, clock):
         elif variant == ROWS[3]: m.transformer.wte.weight.requires_grad_(True)
         else: train_rows(m, rows, {k: torch.stack([i[k] for i in items[:2]]) for k in items[0]})
     if variant in ROWS[1:3] + LOSS[1:]:
-        cb = PadGuardCallback(); cbs.append(cb)
-        if variant in (ROWS[2], LOSS[2]): loss = cb.loss
+        cb = PadGuardCallback(fused=variant == LOSS[3]); cbs.append(cb)
+        if variant in (ROWS[2], LOSS[2], LOSS[3]): loss = cb.loss
     a = T.TrainingArguments(str(Path(args.out)/variant.replace(' ', '_')), max_steps=args.steps, per_device_train_batch_size=args.bs,
                             learning_rate=1e-3, weight_decay=0.01, report_to=[], save_strategy='no', logging_strategy='no',
                             disable_tqdm=True, use_cpu=not args.device.startswith('cuda'), seed=0,

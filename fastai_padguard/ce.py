@@ -60,6 +60,7 @@ def masked_ce(lsm:Tensor, # `(N, C)` log-probabilities, the left-out columns at 
     s = 1.
     if ce.reduction=='mean':
         if den is None: den = wt.sum()  # a chunk of a batch is given the whole batch's
+        den = torch.as_tensor(den, dtype=lsm.dtype, device=lsm.device)  # an int count (the Trainer's num_items_in_batch) divides in the loss's dtype
         s = 1/torch.where(den > 0, den, 1)
         loss = loss.sum()*s
     if ce.reduction=='sum': loss = loss.sum()

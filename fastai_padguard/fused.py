@@ -219,6 +219,7 @@ class FusedHead:
         copy:bool=True, # Keep a copy of the weight and bias (the layer's size); else such logits refuse to be computed
     ):
         "Before an optimizer step (and at the end of a fit): the logits it made that are not computed yet will be computed from the weights of now"
+        self.made = [r for r in self.made if _pending(r())]  # those computed or gone need nothing (a head installed for a whole run)
         w, b = self.mod.weight, self.mod.bias
         live = [x for x in (r() for r in self.made) if _pending(x) and (x.weight is w or b is not None and x.bias is b)]
         if not live: return
@@ -253,6 +254,9 @@ def fused_head(model:nn.Module, # The learner's model
     if type(g.head).forward is not nn.Linear.forward:
         return Fusion(None, f"the output layer is a {type(g.head).__name__}, whose forward is not nn.Linear's (a LoRA or quantized layer?)")
     if _compiled(model): return Fusion(None, "the model is compiled (torch.compile), and the output layer's forward is inside its graph")
+    if isinstance(model, nn.parallel.DistributedDataParallel) and (model.find_unused_parameters or model.static_graph):
+        return Fusion(None, "DDP walks the autograd graph from the model's outputs (find_unused_parameters=True, or static_graph), "
+                            "which not-computed logits don't lead along: the gradients would go wrong")
     if is_sharded(g.head.weight):
         return Fusion(None, "the output layer's weight is sharded (FSDP2's fully_shard, tensor parallelism): it is whole only inside its forward")
     if g.head._forward_hooks: return Fusion(None, "a forward hook on the output layer reads (or changes) its logits")

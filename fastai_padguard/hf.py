@@ -9,22 +9,41 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
-try: from transformers import TrainerCallback
+try: from transformers import TrainerCallback, PreTrainedModel
 except ImportError as e:
     raise ImportError("fastai_padguard.hf is for the Hugging Face Trainer: pip install transformers (or pip install 'fastai-padguard[hf]')") from e
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from .ops import check_not_zero
+from .fused import FusedHead, fused_head
+from .chunked import check_chunk
 from .loop import padguard, first_batch, LoopGuard
 
 # %% auto #0
-__all__ = ['is_causal_lm', 'PadGuardCallback']
+__all__ = ['ddp_walks_outputs', 'is_causal_lm', 'TrainingHead', 'PadGuardCallback']
 
 # %% ../nbs/11a_hf.ipynb #h005
+def ddp_walks_outputs(args, # The Trainer's `TrainingArguments`
+                      model:nn.Module, # The model it trains
+                     )->bool:
+    "Whether the Trainer wraps `model` in a DDP that walks the graph from its outputs (`find_unused_parameters`: its default unless activations are checkpointed; `static_graph`)"
+    if getattr(args, 'world_size', 1) <= 1: return False
+    if getattr(args, 'ddp_static_graph', None): return True
+    if getattr(args, 'ddp_find_unused_parameters', None) is not None: return bool(args.ddp_find_unused_parameters)
+    if not isinstance(model, PreTrainedModel): return True
+    ckpt = getattr(model, 'is_activation_checkpointing' if hasattr(type(model), 'is_activation_checkpointing') else 'is_gradient_checkpointing', False)
+    return not (ckpt or getattr(args, 'activation_checkpointing', False) or getattr(args, 'gradient_checkpointing', False))
+
 def is_causal_lm(model:nn.Module, # A Hugging Face model, possibly PEFT-wrapped
                 )->bool:
     "Whether the Trainer's own loss would shift the labels for `model` (its class is a causal LM in HF's auto mapping)"
     base = getattr(getattr(model, 'base_model', None), 'model', model)  # PEFT: the model it wraps
     return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+class TrainingHead(FusedHead):
+    "A `FusedHead` that runs inside the loss only in training (the model in `train()`, grad on): `evaluate` and `predict` get the logits"
+    def __call__(self, x:torch.Tensor)->torch.Tensor:
+        self.on = self.mod.training and torch.is_grad_enabled()
+        return super().__call__(x)
 
 class PadGuardCallback(TrainerCallback):
     "Keep the pad row (and `extra_idxs` rows) of a Trainer's model exact through every step; `loss` is its `compute_loss_func`"
@@ -35,28 +54,53 @@ class PadGuardCallback(TrainerCallback):
         out:nn.Module|str|list|None=None, # Output layer(s) that write the vocab; found by default
         mode:str='zero', # 'zero': rows kept at 0; 'freeze': rows kept at their values when training starts
         causal:bool|None=None, # Next-token targets; by default as the Trainer decides (the model's class is a causal LM)
+        fused:bool=True, # In training, run the output layer inside `loss`, a chunk of tokens at a time (the logits never held whole), where it can
+        chunk:int|None=None, # Tokens per chunk of the fused pass; by default from the sizes (dim/2 to 2 x dim tokens)
     ):
         self.pad_idx,self.extra_idxs,self.emb,self.out,self.mode,self.causal = pad_idx,extra_idxs,emb,out,mode,causal
-        self.guard,self.ce,self.steps = None,None,0
+        self.fused,self.chunk = fused,check_chunk(chunk)
+        self.guard,self.ce,self.ce_sum,self.head,self.head_name,self.why,self.steps = None,None,None,None,None,None,0
 
     def setup(self,
         model:nn.Module, # The model the Trainer trains
         batch, # One batch of it (a mapping of its inputs)
         label_smoothing:float=0., # Spread over the kept columns
+        compiled:bool=False, # Whether the Trainer compiles the model (`TrainingArguments.torch_compile`): no fused pass then
+        ddp_walks:bool=False, # Whether the Trainer's DDP walks the graph from the outputs (`ddp_walks_outputs`): no fused pass then
     )->LoopGuard:
-        "Find the rows from `batch` and guard them (what `on_train_begin` does; call it yourself to `evaluate()` before training)"
+        "Find the rows from `batch` and guard them, and decide the fused pass (what `on_train_begin` does; call it yourself to `evaluate()` before training)"
+        self._unfuse()
         if self.guard is not None: self.guard.remove()
         self.guard = padguard(model, None, batch, self.pad_idx, self.extra_idxs, self.emb, self.out, self.mode)
-        self.ce = None if self.guard.resolution.loss_rows is None else self.guard.loss_func(label_smoothing)
+        g = self.guard.resolution
+        self.ce = None if g.loss_rows is None else self.guard.loss_func(label_smoothing)
+        self.ce_sum = None if g.loss_rows is None else self.guard.loss_func(label_smoothing, reduction='sum')  # over num_items_in_batch
         if self.causal is None: self.causal = is_causal_lm(model)
         self.steps = self.guard.step_hook.steps
+        self.why = ("fused=False" if not self.fused else "the Trainer compiles the model (torch_compile): the output layer's forward is "
+                    "inside its graph" if compiled else "the Trainer's DDP looks for unused parameters from the model's outputs (its "
+                    "default unless activations are checkpointed), which not-computed logits don't lead to: pass "
+                    "ddp_find_unused_parameters=False to run it" if ddp_walks else fused_head(model, self.ce, g, self.chunk).why)
+        if self.why is None:
+            self.head = TrainingHead(g.head, self.chunk); self.head.install()
+            self.head_name = next((n for n, m in model.named_modules() if m is g.head), type(g.head).__name__)
         return self.guard
+
+    def _unfuse(self):
+        "Give the output layer its own forward back; logits it made and something still holds keep the weights they were made with"
+        if self.head is None: return
+        self.head.keep_weights(copy=True); self.head.remove(); self.head = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         "Refuse DeepSpeed ZeRO; find the rows from the training set's first items and guard them, before any step"
         if getattr(args, 'deepspeed', None) or getattr(args, 'deepspeed_plugin', None) is not None:
             check_not_zero(None, setting='TrainingArguments.deepspeed')  # `padguard` refuses ZeRO-3's partitioned parameters
-        self.setup(model, first_batch(train_dataloader, args.per_device_train_batch_size), args.label_smoothing_factor)
+        self.setup(model, first_batch(train_dataloader, args.per_device_train_batch_size), args.label_smoothing_factor,
+                   bool(getattr(args, 'torch_compile', False)), ddp_walks_outputs(args, model))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        "Before the step: fused logits something holds and has not read yet are computed from the weights of now (none, in the Trainer's own loop)"
+        if self.head is not None: self.head.keep_weights(copy=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         "After each step: a torch optimizer's step must have run (one that holds the rows writes them back), else it is not a torch one"
@@ -66,22 +110,32 @@ class PadGuardCallback(TrainerCallback):
                            "PadGuardCallback needs a torch.optim.Optimizer (accelerate's wraps one), whose step runs torch's step hooks")
 
     def on_train_end(self, args, state, control, **kwargs):
-        "Take the hooks off: the model is left as the last step wrote it"
+        "Take the hooks and the fused pass off: the model is left as the last step wrote it"
+        self._unfuse()
         if self.guard is not None: self.guard.remove(); self.guard = None
 
     def loss(self, outputs, labels, num_items_in_batch=None):
-        "The Trainer's `compute_loss_func`: cross-entropy over the kept columns, shifted for a causal LM, over `num_items_in_batch`"
+        "The Trainer's `compute_loss_func`: cross-entropy over the kept columns, shifted for a causal LM, over `num_items_in_batch`; fused logits in chunks"
         if self.ce is None:
             raise RuntimeError("PadGuardCallback.loss knows the columns to leave out once the rows are found: at train() (on_train_begin), "
                                "or cb.setup(model, batch) before an evaluate() that comes first" if self.guard is None else
                                "No output layer of this model writes the token vocab (a classifier?): leave compute_loss_func out")
         logits = outputs['logits'] if isinstance(outputs, dict) else outputs[0]
         if self.causal: labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # as HF's ForCausalLMLoss: the next token, -100 at the end
-        logits, labels = logits.flatten(0, -2), labels.flatten().to(logits.device)
-        return self.ce(logits, labels, None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=logits.device))
+        labels = labels.to(logits.device)
+        den = None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=logits.device)
+        fused = getattr(logits, 'fused_loss', None)  # `FusedLogits` from the fused output layer: scored a chunk at a time
+        if fused is not None: return fused(self.ce, labels) if den is None else fused(self.ce_sum, labels) / den
+        return self.ce(logits.flatten(0, -2), labels.flatten(), den)
 
     def __repr__(self):
         if self.guard is None: return f"PadGuardCallback(mode={self.mode!r}): rows not found yet (at train())"
+        if self.head is None: fused = f"off: {self.why}"
+        else:
+            fused = (f"on: in training, {self.head_name!r} runs inside cb.loss, in chunks of "
+                     f"{self.chunk or 'dim/2 to 2 x dim'} tokens (evaluate and predict get its logits)")
+            if self.head.computed: fused += ("; but something computed the logits whole (the model's own loss, another "
+                                             "compute_loss_func): pass compute_loss_func=cb.loss")
         return (f"PadGuardCallback {self.guard!r}\n  loss: leaves out columns {list(self.ce.rows) if self.ce else None}"
-                f"{', next-token targets' if self.causal else ''}\n  fused: off: the model's own forward computes the logits before "
-                "the Trainer's loss (in a plain loop, loop.padguard(...).fused_loss(hidden, targets) computes it from the hidden states)")
+                f"{', next-token targets' if self.causal else ''}\n  fused: {fused}")
+

@@ -117,12 +117,13 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 class LargestOutput(TorchDispatchMode):
-    "The largest storage (in elements) any op writes while it is on"
-    def __init__(self): super().__init__(); self.numel = 0
+    "The largest storage (in elements) any op writes while it is on (of outputs whose last axis is `last_dim` long, if given)"
+    def __init__(self, last_dim=None): super().__init__(); self.numel, self.last_dim = 0, last_dim
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for o in (out if isinstance(out, (tuple, list)) else [out]):  # elements stored: a view or an expand holds none of its own
-            if isinstance(o, torch.Tensor): self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
+            if isinstance(o, torch.Tensor) and (self.last_dim is None or o.dim() and o.shape[-1] == self.last_dim):
+                self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
         return out
 
 class _EnterEachBatch(Callback):

@@ -39,9 +39,11 @@ if what == 'loop':
         norms.append(torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1e-2))
         opt.step(); opt.zero_grad()
         rows.append(rows_of(guard)); losses.append(loss.detach())
+    from fastai_padguard.fused import fused_head  # a DDP that walks the graph from the outputs: no fused pass, saying why
+    walks = fused_head(DDP(model, find_unused_parameters=True), guard.loss_func(), guard.resolution).why
     torch.save({'grad_rows': grad_rows, 'rows': rows, 'norms': torch.stack(norms), 'losses': torch.stack(losses),
-                'state': {k: v.clone() for k, v in model.state_dict().items()}},
-               out/f'rank{rank}.pt')
+                'state': {k: v.clone() for k, v in model.state_dict().items()}, 'walks': walks,
+                'plain': fused_head(ddp, guard.loss_func(), guard.resolution).why}, out/f'rank{rank}.pt')
     dist.barrier(); dist.destroy_process_group()
 else:
     from transformers import TrainerCallback
@@ -53,11 +55,17 @@ else:
         def __init__(self, cb): self.cb, self.grad_rows, self.rows = cb, [], []
         def on_pre_optimizer_step(self, args, state, control, **kw): self.grad_rows.append(rows_of(self.cb.guard, of_grad=True))
         def on_optimizer_step(self, args, state, control, **kw): self.rows.append(rows_of(self.cb.guard))
+        def on_step_end(self, args, state, control, **kw): self.said = repr(self.cb)
+    # the Trainer's default DDP looks for unused parameters: the fused pass is off, saying why
+    m0, _, _, _ = loop_model('gpt2', seed=0)
+    cb0 = PadGuardCallback(); check0 = Check(cb0)
+    trainer_of(m0, items_of(batch), out/'default', [cb0, check0], cb0.loss, gradient_accumulation_steps=1, max_steps=1).train()
     cb = PadGuardCallback()
     check = Check(cb)
-    tr = trainer_of(model, items_of(batch), out/'run', [cb, check], cb.loss, gradient_accumulation_steps=1, max_grad_norm=1e-2)
+    tr = trainer_of(model, items_of(batch), out/'run', [cb, check], cb.loss, gradient_accumulation_steps=1, max_grad_norm=1e-2,
+                    ddp_find_unused_parameters=False)  # the fused pass on
     tr.train()
     assert tr.args.world_size == 2, tr.args.world_size
     torch.save({'grad_rows': check.grad_rows, 'rows': check.rows, 'state': {k: v.clone() for k, v in model.state_dict().items()},
-                'log': tr.state.log_history}, out/f'rank{rank}.pt')
+                'log': tr.state.log_history, 'said': check.said, 'said_default': check0.said}, out/f'rank{rank}.pt')
     dist.barrier(); dist.destroy_process_group()

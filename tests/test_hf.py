@@ -49,8 +49,75 @@ def test_trainer_keeps_pad_rows_and_scores_kept_columns(kind, tmp_path):
     want = reference(logits, batch['labels'], list(g.rows), causal)
     assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-12 * want.item()
     cb.setup(model, batch)  # guarded again (train() took the hooks off at its end), to read what it says
-    assert 'fused: off' in repr(cb) and 'leaves out columns [0]' in repr(cb)
-    cb.guard.remove()
+    assert "fused: on: in training, 'lm_head'" in repr(cb) or kind == 'bert-mlm' and 'fused: on' in repr(cb)
+    assert 'leaves out columns [0]' in repr(cb)
+    cb.on_train_end(None, None, None)
+
+class WidestLogits(TrainerCallback):
+    "From each step's begin to its end (forward, loss, backward, clip, step): the largest tensor written with the vocab on its last axis"
+    def __init__(self, guard_cb, vocab): self.cb, self.vocab, self.numel, self.whole = guard_cb, vocab, [], []
+    def on_step_begin(self, args, state, control, **kw):
+        from conftest import LargestOutput
+        self.rec = LargestOutput(self.vocab); self.rec.__enter__()
+    def on_step_end(self, args, state, control, **kw):
+        self.rec.__exit__(None, None, None); self.numel.append(self.rec.numel)
+        self.whole.append(self.cb.head is not None and self.cb.head.computed)
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_trainer_fused_pass_equals_the_unfused_and_never_holds_the_logits(kind, tmp_path):
+    "In training the output layer runs inside cb.loss in chunks: the same weights after 4 steps (float64), no (tokens, vocab) tensor"
+    runs = {}
+    for fused in (False, True):
+        model, batch, pad, causal = loop_model(kind)
+        cb = PadGuardCallback(fused=fused, chunk=5)
+        wide = WidestLogits(cb, 40)
+        tr = trainer_of(model, items_of(batch), tmp_path/str(fused), [cb, wide], cb.loss, max_grad_norm=1.0)
+        tr.train()
+        runs[fused] = dict(model.named_parameters()), [h['loss'] for h in tr.state.log_history if 'loss' in h], wide
+    (w0, l0, u), (w1, l1, f) = runs[False], runs[True]
+    per_micro_batch = 2 * 10 * 40  # 2 items of 10 tokens, vocab 40
+    assert min(u.numel) >= per_micro_batch, "unfused: the logits of a micro-batch are held whole (the test's control)"
+    # fused: the widest is weight-sized (dim 16 x vocab 40: the layer's weight transposed), a chunk's logits 5 x 40
+    assert len(f.numel) == 4 and max(f.numel) <= 16 * 40 < per_micro_batch, "fused: no micro-batch's logits held whole"
+    assert not any(f.whole), "nothing computed the logits whole"
+    assert len(l1) == 4 and all(abs(a - b) <= 1e-6 * b for a, b in zip(l1, l0)), "the logged losses (the Trainer logs them in float32)"
+    # one step's gradients agree to 1e-15; AdamW's 1/sqrt(v) magnifies rounding where a gradient is near 0 (attention biases)
+    for n, p in w0.items(): assert (w1[n] - p).abs().max() <= 1e-10 * p.abs().max(), n
+    assert w1['lm_head.weight' if kind == 'llama' else next(iter(w1))][pad].eq(0).all()
+
+def test_trainer_fused_head_is_for_training_only(tmp_path):
+    "evaluate/predict (eval mode or no grad) get the model's logits; in training the head gives logits the loss computes in chunks"
+    from fastai_padguard.fused import FusedLogits
+    model, batch, pad, _ = loop_model('llama')
+    cb = PadGuardCallback()
+    cb.setup(model, batch)
+    inputs = {k: v for k, v in batch.items() if k != 'labels'}
+    model.eval()
+    assert type(model(**inputs).logits) is torch.Tensor
+    model.train()
+    with torch.no_grad(): assert type(model(**inputs).logits) is torch.Tensor
+    out = model(**inputs)
+    assert isinstance(out.logits, FusedLogits)
+    assert 'fused: on' in repr(cb) and 'computed the logits whole' not in repr(cb)
+    model(**batch).loss.backward()  # the model's own loss reads them: computed whole (correct), and cb says so
+    assert 'computed the logits whole' in repr(cb)
+    cb.on_train_end(None, None, None)
+    assert type(model(**inputs).logits) is torch.Tensor and cb.head is None, "the layer's own forward back"
+    off = PadGuardCallback(fused=False); off.setup(model, batch)
+    assert 'fused: off: fused=False' in repr(off) and type(model(**inputs).logits) is torch.Tensor
+    off.on_train_end(None, None, None)
+
+def test_the_trainers_item_count_divides_in_the_losss_dtype():
+    "num_items_in_batch comes as an int64 tensor: a float64 loss divides by it in float64 (a float32 1/17 is off by 4e-9), fused or not"
+    for fused in (False, True):
+        model, batch, pad, causal = loop_model('gpt2')
+        cb = PadGuardCallback(fused=fused); cb.setup(model, batch, 0.1)
+        out = model(**{k: v for k, v in batch.items() if k != 'labels'})
+        labels = torch.nn.functional.pad(batch['labels'], (0, 1), value=-100)[..., 1:]
+        want = cb.ce_sum(model(**{k: v for k, v in batch.items() if k != 'labels'}).logits.flatten(0, 1), labels.flatten()) / 17.
+        cb.on_train_end(None, None, None)
+        got = cb.loss(out, batch['labels'], torch.tensor(17))
+        assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-15 * want.item(), fused
 
 class StopAt(TrainerCallback):
     "End training after step `n` (the checkpoint of that step is written first)"
@@ -155,12 +222,14 @@ def test_trainer_trains_only_added_rows_and_save_pretrained_holds_them(kind, tmp
 
 @pytest.mark.slow
 def test_trainer_ddp_two_processes_equal_one_process(tmp_path):
-    "The Trainer under torchrun (accelerate's DDP on CPU, gloo), 2 items a rank, clip 1e-2: rows 0 on both ranks; the weights as one process's batch of 4"
+    "The Trainer under torchrun (accelerate's DDP on CPU, gloo), 2 items a rank, clip 1e-2, fused: rows 0 on both ranks; the weights as one process's batch of 4"
     from conftest import two_processes
     r0, r1 = two_processes('loop_ddp.py', tmp_path, 'trainer')
     for r in (r0, r1):
         assert len(r['grad_rows']) == 4 and all(g.eq(0).all() for s in r['grad_rows'] for g in s), "gradient rows 0 at the step"
         assert all(w.eq(0).all() for s in r['rows'] for w in s), "the rows 0 after every step"
+        assert 'fused: on' in r['said'], "with ddp_find_unused_parameters=False the output layer runs inside the loss"
+        assert 'fused: off' in r['said_default'] and 'ddp_find_unused_parameters=False' in r['said_default'], "the default: off, saying why"
     assert all(torch.equal(v, r1['state'][k]) for k, v in r0['state'].items()), "ranks hold identical weights"
     model, batch, _, _ = loop_model('gpt2')  # as tests/loop_ddp.py: item 0 holds 1 target, the others 6
     batch['input_ids'][0, 2:], batch['labels'][0, 2:], batch['attention_mask'][0, 2:] = 0, -100, 0

@@ -111,6 +111,7 @@ def test_ddp_two_processes_equal_one_process():
     for r in (r0, r1):
         assert all(g.eq(0).all() for s in r['grad_rows'] for g in s), "the guarded gradient rows 0 when backward (and DDP's all-reduce) ended"
         assert all(w.eq(0).all() for s in r['rows'] for w in s), "the rows 0 after every step"
+        assert r['plain'] is None and 'find_unused_parameters=True' in r['walks'], "a fused pass under DDP only if it walks no graph"
     assert all(torch.equal(v, r1['state'][k]) for k, v in r0['state'].items()), "ranks hold identical weights"
     # one process, the two halves' losses averaged (what DDP's gradient averaging computes), from rank 0's weights
     model, batch, _, _ = loop_model('gpt2')
