@@ -81,8 +81,10 @@ def test_trainer_fused_pass_equals_the_unfused_and_never_holds_the_logits(kind, 
     assert len(f.numel) == 4 and max(f.numel) <= 16 * 40 < per_micro_batch, "fused: no micro-batch's logits held whole"
     assert not any(f.whole), "nothing computed the logits whole"
     assert len(l1) == 4 and all(abs(a - b) <= 1e-6 * b for a, b in zip(l1, l0)), "the logged losses (the Trainer logs them in float32)"
-    # one step's gradients agree to 1e-15; AdamW's 1/sqrt(v) magnifies rounding where a gradient is near 0 (attention biases)
-    for n, p in w0.items(): assert (w1[n] - p).abs().max() <= 1e-10 * p.abs().max(), n
+    # one step's gradients agree to 1e-15; AdamW's 1/sqrt(v) magnifies rounding where a gradient is near 0 (attention biases).
+    # BERT's key bias has no gradient at all (the softmax ignores a shift): it holds rounding only, ~1e-15, so the scale
+    # has a floor of the learning rate's size
+    for n, p in w0.items(): assert (w1[n] - p).abs().max() <= 1e-10 * max(p.abs().max(), 1e-2), n
     assert w1['lm_head.weight' if kind == 'llama' else next(iter(w1))][pad].eq(0).all()
 
 def test_trainer_fused_head_is_for_training_only(tmp_path):
