@@ -264,6 +264,24 @@ def test_trainer_keeps_the_trained_tables_pad_rows_with_peft_and_bf16(how, tmp_p
     losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]
     assert len(losses) == 4 and all(l == l and abs(l) < 1e3 for l in losses)
 
+def test_trainer_guards_the_pad_among_pefts_trainable_tokens(tmp_path):
+    "PEFT TrainableTokens training the pad with 2 added tokens: its delta's pad row is guarded too, so the merged table's pad row is 0"
+    peft = pytest.importorskip('peft')
+    model, batch, pad, _ = loop_model('llama')
+    model.resize_token_embeddings(42, mean_resizing=False)
+    batch['input_ids'][:, 1], batch['input_ids'][:, 3] = 40, 41
+    batch['labels'] = batch['input_ids'].masked_fill(batch['input_ids'] == 0, -100)
+    with torch.no_grad(): model.model.embed_tokens.weight[pad] = 0.1  # the pad row a trained model comes with (HF's init zeroes it)
+    before = model.model.embed_tokens.weight.detach().clone()
+    model = peft.get_peft_model(model, peft.TrainableTokensConfig(target_modules=['embed_tokens'], token_indices=[pad, 40, 41]))
+    cb = PadGuardCallback()
+    trainer_of(model, items_of(batch), tmp_path, [cb], cb.loss).train()
+    delta = model.base_model.model.model.embed_tokens.trainable_tokens_delta['default']
+    assert delta.shape == (3, 16) and delta.detach()[0].eq(0).all(), "the pad's row of PEFT's delta 0"
+    w = model.merge_and_unload().model.embed_tokens.weight
+    assert w[pad].eq(0).all(), "the merged table's pad row 0"
+    assert torch.equal(w[1:40], before[1:40]) and not torch.equal(w[40:], before[40:]), "only the added rows trained"
+
 def test_deepspeed_is_refused_before_anything_changes():
     "TrainingArguments.deepspeed set: ZeRO's fp32 master copy would write the rows over, so on_train_begin refuses, guarding nothing"
     from types import SimpleNamespace
