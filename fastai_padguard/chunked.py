@@ -101,8 +101,7 @@ def _pass(h, w, b, t, func, fns, n, cast, den, need, go=None)->_Pass:
 class _LinearCE(torch.autograd.Function):
     "`PadCrossEntropyLossFlat` of `h @ w.T + b` in chunks; for 'mean' and 'sum' the gradients are worked out in the forward pass"
     @staticmethod
-    def forward(ctx, h, w, b, t, func, fns, n, cast):
-        den = _den(h, t, func, fns, cast)
+    def forward(ctx, h, w, b, t, func, fns, n, cast, den):
         if func.reduction == 'none':  # a gradient per token comes back: the pass runs again in backward with it
             ctx.save_for_backward(h, w, b, t); ctx.args = (func, fns, n, cast)
             return _pass(h, w, b, t, func, fns, n, cast, den, (False,)*3).loss
@@ -126,7 +125,7 @@ class _LinearCE(torch.autograd.Function):
             del ctx.gh, ctx.gw, ctx.gb
             for x in (gh, gw, gb):
                 if x is not None: x.mul_(g)
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 def linear_ce(h:Tensor, # The output layer's input, `(tokens, in_features)`
               w:Tensor, # Its weight, `(vocab, in_features)`
@@ -136,9 +135,11 @@ def linear_ce(h:Tensor, # The output layer's input, `(tokens, in_features)`
               fns:tuple=(), # Elementwise functions applied to the logits before the loss (a soft-cap, a cast)
               n:int|None=None, # Tokens per chunk; by default `chunk_rows` of the sizes
               cast:tuple=(False, None), # `(enabled, dtype)` of autocast when the layer ran
+              den:Tensor|None=None, # What 'mean' divides by (an item count from outside); by default the kept targets' summed weights
              )->Tensor:
     "`ce` of `fns(h @ w.T + b)` against `t`, `n` tokens at a time, never holding the logits whole; the gradients worked out in the same pass where autograd asks"
     if n is None: n = chunk_rows(h.shape[0], w.shape[0], h.shape[1])
+    if den is None: den = _den(h, t, ce, fns, cast)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b)):
-        return _LinearCE.apply(h, w, b, t, ce, fns, n, cast)
-    return _pass(h, w, b, t, ce, fns, n, cast, _den(h, t, ce, fns, cast), (False,)*3).loss  # no gradient: the loss alone
+        return _LinearCE.apply(h, w, b, t, ce, fns, n, cast, den)
+    return _pass(h, w, b, t, ce, fns, n, cast, den, (False,)*3).loss  # no gradient: the loss alone

@@ -179,15 +179,16 @@ class FusedLogits(Tensor):
     def fused_loss(self,
         ce:PadCrossEntropy, # The loss, its classes on the last axis of these logits
         targ:Tensor, # Its targets, one per row of the logits (any shape: flattened)
+        den:Tensor|None=None, # What 'mean' divides by (the Trainer's `num_items_in_batch`); by default the kept targets' summed weights
     )->Tensor:
         "`ce` of these logits against `targ`, chunk by chunk, never holding them whole (`PadCrossEntropyLossFlat` calls it)"
         t = _plain(targ).reshape(-1)
         if self._real is not None or t.shape[0] != math.prod(self.shape[:-1]) or self.device != self.h.device:
             z = _plain(self.materialize())
-            return ce(z.reshape(-1, z.shape[-1]), t)
+            return ce(z.reshape(-1, z.shape[-1]), t, den)
         self._fresh()
         h = _plain(self.h).reshape(-1, self.h.shape[-1])
-        return linear_ce(h, self.weight, self.bias, t, ce, self.fns, self._chunk(h), self.cast)
+        return linear_ce(h, self.weight, self.bias, t, ce, self.fns, self._chunk(h), self.cast, den)
 
 
 # %% ../nbs/02a_fused.ipynb #c009

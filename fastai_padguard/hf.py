@@ -59,7 +59,7 @@ class PadGuardCallback(TrainerCallback):
     ):
         self.pad_idx,self.extra_idxs,self.emb,self.out,self.mode,self.causal = pad_idx,extra_idxs,emb,out,mode,causal
         self.fused,self.chunk = fused,check_chunk(chunk)
-        self.guard,self.ce,self.ce_sum,self.head,self.head_name,self.why,self.steps = None,None,None,None,None,None,0
+        self.guard,self.ce,self.head,self.head_name,self.why,self.steps = None,None,None,None,None,0
 
     def setup(self,
         model:nn.Module, # The model the Trainer trains
@@ -74,7 +74,6 @@ class PadGuardCallback(TrainerCallback):
         self.guard = padguard(model, None, batch, self.pad_idx, self.extra_idxs, self.emb, self.out, self.mode)
         g = self.guard.resolution
         self.ce = None if g.loss_rows is None else self.guard.loss_func(label_smoothing)
-        self.ce_sum = None if g.loss_rows is None else self.guard.loss_func(label_smoothing, reduction='sum')  # over num_items_in_batch
         if self.causal is None: self.causal = is_causal_lm(model)
         self.steps = self.guard.step_hook.steps
         self.why = ("fused=False" if not self.fused else "the Trainer compiles the model (torch_compile): the output layer's forward is "
@@ -125,7 +124,7 @@ class PadGuardCallback(TrainerCallback):
         labels = labels.to(logits.device)
         den = None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=logits.device)
         fused = getattr(logits, 'fused_loss', None)  # `FusedLogits` from the fused output layer: scored a chunk at a time
-        if fused is not None: return fused(self.ce, labels) if den is None else fused(self.ce_sum, labels) / den
+        if fused is not None: return fused(self.ce, labels, den)
         return self.ce(logits.flatten(0, -2), labels.flatten(), den)
 
     def __repr__(self):

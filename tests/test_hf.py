@@ -116,10 +116,20 @@ def test_the_trainers_item_count_divides_in_the_losss_dtype():
         cb = PadGuardCallback(fused=fused); cb.setup(model, batch, 0.1)
         out = model(**{k: v for k, v in batch.items() if k != 'labels'})
         labels = torch.nn.functional.pad(batch['labels'], (0, 1), value=-100)[..., 1:]
-        want = cb.ce_sum(model(**{k: v for k, v in batch.items() if k != 'labels'}).logits.flatten(0, 1), labels.flatten()) / 17.
+        want = cb.guard.loss_func(0.1, reduction='sum')(model(**{k: v for k, v in batch.items() if k != 'labels'}).logits.flatten(0, 1), labels.flatten()) / 17.
         cb.on_train_end(None, None, None)
         got = cb.loss(out, batch['labels'], torch.tensor(17))
         assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-15 * want.item(), fused
+
+def test_a_step_with_no_target_gives_0_not_nan_fused_or_not():
+    "num_items_in_batch 0 (every label -100 in a whole step): the loss and the gradients 0, as the unfused loss gives; fused, 0/0 was NaN"
+    for fused in (False, True):
+        model, batch, pad, causal = loop_model('gpt2')
+        cb = PadGuardCallback(fused=fused); cb.setup(model, batch)
+        loss = cb.loss(model(**{k: v for k, v in batch.items() if k != 'labels'}), torch.full_like(batch['labels'], -100), torch.tensor(0))
+        loss.backward()
+        assert loss.item() == 0 and all(p.grad is None or p.grad.eq(0).all() for p in model.parameters()), fused
+        cb.on_train_end(None, None, None)
 
 class StopAt(TrainerCallback):
     "End training after step `n` (the checkpoint of that step is written first)"
