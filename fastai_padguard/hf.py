@@ -76,14 +76,19 @@ class PadGuardCallback(TrainerCallback):
         self.ce = None if g.loss_rows is None else self.guard.loss_func(label_smoothing)
         if self.causal is None: self.causal = is_causal_lm(model)
         self.steps = self.guard.step_hook.steps
-        self.why = ("fused=False" if not self.fused else "the Trainer compiles the model (torch_compile): the output layer's forward is "
-                    "inside its graph" if compiled else "the Trainer's DDP looks for unused parameters from the model's outputs (its "
-                    "default unless activations are checkpointed), which not-computed logits don't lead to: pass "
-                    "ddp_find_unused_parameters=False to run it" if ddp_walks else fused_head(model, self.ce, g, self.chunk).why)
+        self.why = self._unfused_why(model, compiled, ddp_walks)
         if self.why is None:
             self.head = TrainingHead(g.head, self.chunk); self.head.install()
             self.head_name = next((n for n, m in model.named_modules() if m is g.head), type(g.head).__name__)
         return self.guard
+
+    def _unfused_why(self, model, compiled, ddp_walks):
+        "Why the fused pass is off for `model` (`None`: it is on)"
+        if not self.fused: return "fused=False"
+        if compiled: return "the Trainer compiles the model (torch_compile): the output layer's forward is inside its graph"
+        if ddp_walks: return ("the Trainer's DDP looks for unused parameters from the model's outputs (its default unless activations "
+                              "are checkpointed), which not-computed logits don't lead to: pass ddp_find_unused_parameters=False to run it")
+        return fused_head(model, self.ce, self.guard.resolution, self.chunk).why
 
     def _unfuse(self):
         "Give the output layer its own forward back; logits it made and something still holds keep the weights they were made with"
