@@ -87,6 +87,19 @@ def test_trainer_fused_pass_equals_the_unfused_and_never_holds_the_logits(kind, 
     for n, p in w0.items(): assert (w1[n] - p).abs().max() <= 1e-10 * max(p.abs().max(), 1e-2), n
     assert w1['lm_head.weight' if kind == 'llama' else next(iter(w1))][pad].eq(0).all()
 
+class HeadsMade(TrainerCallback):
+    "At each step's end: how many fused logits the output layer's head still keeps track of"
+    def __init__(self, cb): self.cb, self.n = cb, []
+    def on_step_end(self, args, state, control, **kw): self.n.append(len(self.cb.head.made))
+
+def test_trainer_fused_head_forgets_the_logits_it_scored(tmp_path):
+    "Each step's fused logits are scored before the step: the head drops them then, so what it tracks stays flat over a run"
+    model, batch, pad, _ = loop_model('gpt2')
+    cb = PadGuardCallback()
+    made = HeadsMade(cb)
+    trainer_of(model, items_of(batch), tmp_path, [cb, made], cb.loss, max_steps=6).train()
+    assert made.n == [0] * 6, made.n
+
 def test_trainer_fused_head_is_for_training_only(tmp_path):
     "evaluate/predict (eval mode or no grad) get the model's logits; in training the head gives logits the loss computes in chunks"
     from fastai_padguard.fused import FusedLogits
